@@ -1,0 +1,270 @@
+"""Recipes: one flat YAML per stage, parsed into TRL's own dataclasses.
+
+A recipe mixes three groups of keys, all at the top level (as in the alignment-handbook):
+  * alignkit's `DataArguments` and `AlignkitArguments` (below),
+  * TRL's `ModelConfig` (model id, dtype, LoRA / QLoRA switches),
+  * the stage's TRL trainer config (`SFTConfig`, `DPOConfig`, ... — every `TrainingArguments` key).
+
+`load_recipe` reads the YAML, rejects unknown keys (naming the nearest valid ones) before anything heavy is
+imported or loaded, applies `--key value` overrides from the command line through `TrlParser` (so CLI beats
+YAML and values are typed by the dataclasses), picks precision/device for this machine, and runs the
+cross-field checks. `alignkit check` calls exactly this path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe (YAML or CLI override) is invalid. The message says which key and why."""
+
+
+@dataclass
+class DataArguments:
+    datasets: list[dict] = field(
+        default_factory=list,
+        metadata={
+            "help": "Training sources. Each: {path, name?, split?, data_files?, fraction?}. `path` is a local "
+            ".jsonl/.json/.parquet file or directory, or a hub dataset id; `fraction` takes that share of the "
+            "source's rows (seeded shuffle), like the handbook's dataset mixer."
+        },
+    )
+    test_datasets: list[dict] = field(
+        default_factory=list,
+        metadata={"help": "Held-out sources (same form). Empty: a seeded split of `test_split_size` is made."},
+    )
+    test_split_size: float = field(
+        default=0.1, metadata={"help": "Fraction (<1) or row count (>=1) held out when no test_datasets are given."}
+    )
+    drop_invalid: bool = field(
+        default=False,
+        metadata={"help": "Drop bad rows (counted in the stage's metrics) instead of failing on the first one."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training rows after mixing."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on held-out rows."})
+
+
+@dataclass
+class AlignkitArguments:
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file name inside model_name_or_path (dequantised on load)."}
+    )
+    adapter_path: str | None = field(
+        default=None,
+        metadata={"help": "Start from this PEFT adapter (e.g. the SFT stage's output) and keep training it."},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template: a name (smollm2, chatml, zephyr), a Jinja string, or unset = model's own."},
+    )
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None, metadata={"help": "QLoRA compute dtype (bfloat16, float16, float32); default: bf16 on GPU."}
+    )
+    merge_adapter: bool = field(
+        default=False, metadata={"help": "Also save the adapter merged into the base model under <output_dir>/merged."}
+    )
+    requires_gpu: bool = field(
+        default=False, metadata={"help": "Refuse to run (before loading anything) on a machine without a CUDA GPU."}
+    )
+    metrics_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also write metrics.json and train_log.csv here as <stage>.json / <stage>_log.csv "
+            "(DVC metrics and plots must live outside the stage's output directory)."
+        },
+    )
+
+
+@dataclass
+class Recipe:
+    """Everything one stage run needs, resolved."""
+
+    path: str | None
+    data: DataArguments
+    model: Any  # trl.ModelConfig
+    extras: AlignkitArguments
+    train: Any  # the stage's TRL config
+    explicit_keys: set[str]
+    notes: list[str]
+
+    def resolved(self) -> dict:
+        """Flat dict of every key of this recipe, as it will be used (written next to each stage output)."""
+        out: dict[str, Any] = {}
+        for group in (self.data, self.extras, self.model):
+            out.update(dataclasses.asdict(group))
+        train = self.train.to_dict()
+        for key in ("hub_token", "push_to_hub_token"):  # never written anywhere
+            train.pop(key, None)
+        out.update(train)
+        return out
+
+
+def _field_names(*classes) -> set[str]:
+    return {f.name for cls in classes for f in dataclasses.fields(cls)}
+
+
+def _nearest(key: str, valid: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.6)
+    if not close:  # fall back to keys that share a word with the bad one
+        words = set(key.lower().replace("-", "_").split("_")) - {""}
+        close = sorted(k for k in valid if words & set(k.split("_")))[:3]
+    return ", ".join(close) if close else "(none close; see `alignkit check --keys`)"
+
+
+def _cli_keys(argv: list[str]) -> list[str]:
+    return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
+
+
+def cuda_info() -> tuple[bool, bool]:
+    """(has CUDA GPU, GPU supports bf16)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, False
+    return True, torch.cuda.is_bf16_supported()
+
+
+def load_recipe(
+    config_path: str | None,
+    argv: list[str],
+    trainer_config_cls,
+    *,
+    stage_check=None,
+    stage_defaults: dict | None = None,
+    for_check: bool = False,
+) -> Recipe:
+    """Parse a recipe YAML plus `--key value` overrides into a `Recipe`.
+
+    `for_check` validates a recipe meant for another machine (e.g. a GPU recipe on this CPU laptop): precision
+    is forced to fp32 for building the config objects only, and the GPU requirement becomes a note.
+    `stage_check(recipe, fail)` adds the stage's own cross-field checks; `stage_defaults` are the stage's own
+    defaults for keys the recipe leaves unset.
+    """
+    from trl import ModelConfig, TrlParser
+
+    classes = (DataArguments, AlignkitArguments, ModelConfig, trainer_config_cls)
+    valid = _field_names(*classes)
+    where = config_path or "command line"
+
+    config: dict[str, Any] = {}
+    if config_path is not None:
+        if not os.path.isfile(config_path):
+            raise RecipeError(f"recipe file not found: {config_path}")
+        with open(config_path) as f:
+            try:
+                config = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise RecipeError(f"{config_path}: not valid YAML: {e}") from e
+        if not isinstance(config, dict):
+            raise RecipeError(f"{config_path}: a recipe must be a YAML mapping of key: value")
+
+    for key in list(config) + _cli_keys(argv):
+        if key not in valid:
+            source = "command line" if key not in config else config_path
+            raise RecipeError(f"unknown key '{key}' ({source}); nearest valid keys: {_nearest(key, valid)}")
+
+    explicit = set(config) | set(_cli_keys(argv))
+    has_cuda, has_bf16 = cuda_info()
+    notes: list[str] = []
+
+    defaults = {**(stage_defaults or {}), **config}
+    wants_half = bool(config.get("bf16")) or bool(config.get("fp16")) or "--bf16" in argv or "--fp16" in argv
+    if for_check and not has_cuda:
+        if wants_half or config.get("requires_gpu"):
+            notes.append("GPU recipe: validated here with fp32 on CPU; it will refuse to train without a GPU")
+        defaults["bf16"], defaults["fp16"] = False, False
+    else:
+        # TRL defaults to bf16=True, which crashes without a GPU and is ~10x slower on a CPU without bf16 units.
+        defaults.setdefault("bf16", has_bf16)
+        defaults.setdefault("fp16", False)
+        if not has_cuda:
+            defaults.setdefault("use_cpu", True)
+    # Checkpointing trades ~20% speed for memory: worth it on a GPU, not on a CPU with plenty of RAM.
+    defaults.setdefault("gradient_checkpointing", has_cuda)
+    defaults.setdefault("report_to", "none")
+    defaults.setdefault("logging_steps", 1)
+    defaults.setdefault("save_strategy", "no")
+
+    parser = TrlParser(classes)
+    parser.set_defaults_with_config(**defaults)
+    cli = [a for a in argv]
+    if for_check and not has_cuda:
+        cli = [a for a in cli if a not in ("--bf16", "--fp16")]
+    try:
+        data, extras, model, train = parser.parse_args_into_dataclasses(args=cli)
+    except SystemExit as e:  # argparse prints its own message for a bad CLI value
+        raise RecipeError(f"{where}: invalid command-line arguments {argv}") from e
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{where}: {e}") from e
+
+    recipe = Recipe(config_path, data, model, extras, train, explicit, notes)
+    validate(recipe, for_check=for_check, has_cuda=has_cuda, stage_check=stage_check)
+    return recipe
+
+
+def validate(recipe: Recipe, *, for_check: bool, has_cuda: bool, stage_check=None) -> None:
+    """Cross-field checks that no single dataclass can do. Raise RecipeError naming the keys involved."""
+    from .data import validate_source_spec
+    from .templates import resolve_chat_template
+
+    m, x, t, d = recipe.model, recipe.extras, recipe.train, recipe.data
+    where = recipe.path or "command line"
+
+    def fail(msg: str):
+        raise RecipeError(f"{where}: {msg}")
+
+    if not m.model_name_or_path:
+        fail("model_name_or_path is required")
+    if not d.datasets:
+        fail("datasets: at least one training source is required")
+    for i, spec in enumerate(d.datasets):
+        validate_source_spec(spec, f"datasets[{i}]", where)
+    for i, spec in enumerate(d.test_datasets):
+        validate_source_spec(spec, f"test_datasets[{i}]", where)
+    if not d.test_datasets and not (0 < d.test_split_size):
+        fail("test_split_size must be > 0 when no test_datasets are given")
+    if m.load_in_4bit and m.load_in_8bit:
+        fail("load_in_4bit and load_in_8bit are mutually exclusive")
+    if (m.load_in_4bit or m.load_in_8bit) and not m.use_peft:
+        fail("QLoRA (load_in_4bit/load_in_8bit) needs use_peft: true — a quantised base cannot be fully fine-tuned")
+    if x.adapter_path and m.use_peft:
+        fail("adapter_path continues training an existing adapter; do not also set use_peft (a new adapter)")
+    if t.bf16 and t.fp16:
+        fail("bf16 and fp16 are mutually exclusive")
+    if x.bnb_4bit_compute_dtype not in (None, "bfloat16", "float16", "float32"):
+        fail(f"bnb_4bit_compute_dtype: {x.bnb_4bit_compute_dtype!r} is not one of bfloat16, float16, float32")
+    try:
+        resolve_chat_template(x.chat_template)
+    except ValueError as e:
+        fail(str(e))
+    needs_gpu = x.requires_gpu or t.bf16 or t.fp16 or m.load_in_4bit or m.load_in_8bit
+    if needs_gpu and not has_cuda and not for_check:
+        # m.load_in_4bit runs on CPU with bitsandbytes >= 0.45, but only bf16/fp16/requires_gpu are GPU-only.
+        if x.requires_gpu or t.bf16 or t.fp16:
+            which = "requires_gpu" if x.requires_gpu else ("bf16" if t.bf16 else "fp16")
+            fail(f"this recipe needs a CUDA GPU ({which}: true) and this machine has none; nothing was loaded")
+    if stage_check is not None:
+        stage_check(recipe, fail)
+
+
+def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Take `--config PATH` (or `--config=PATH`) out of argv."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise RecipeError("--config needs a path")
+            path = argv[i + 1]
+            del argv[i : i + 2]
+            return path, argv
+        if a.startswith("--config="):
+            del argv[i]
+            return a.split("=", 1)[1], argv
+    return None, argv

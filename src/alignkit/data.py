@@ -1,0 +1,365 @@
+"""Data: load sources, recognise their format, normalise and validate every row, mix, split.
+
+Two normalised shapes leave this module:
+  * conversation  {"messages": [{"role", "content"}, ...]}              (SFT)
+  * preference    {"prompt": [msgs ending with a user turn],
+                   "chosen": [{"role": "assistant", ...}], "rejected": [...]}  (DPO and friends)
+Both are TRL's "conversational" formats, so the trainers apply the chat template themselves.
+
+Recognised input formats (per row; a source must be consistent):
+  messages | prompt+completion | prompt+chosen+rejected (strings or message lists) |
+  chosen+rejected transcripts with "\n\nHuman:"/"\n\nAssistant:" turns (hh-rlhf) |
+  chosen+rejected message lists that include the prompt (UltraFeedback-binarized).
+A bad row raises DataError naming the source, the 1-based row number and the field; with
+`drop_invalid` it is dropped and counted instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+CONVERSATION, PREFERENCE = "conversation", "preference"
+ROLES = ("system", "user", "assistant")
+SOURCE_KEYS = {"path", "name", "split", "data_files", "data_dir", "fraction", "revision"}
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+class DataError(ValueError):
+    """A bad row or source. The message names the source, the row and the field."""
+
+
+@dataclass
+class LoadReport:
+    """Counts written to the stage's metrics."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def add(self, other: "LoadReport") -> None:
+        self.rows_read += other.rows_read
+        self.rows_kept += other.rows_kept
+        for k, v in other.dropped.items():
+            self.dropped[k] = self.dropped.get(k, 0) + v
+
+    def as_metrics(self, prefix: str) -> dict:
+        return {
+            f"{prefix}_rows_read": self.rows_read,
+            f"{prefix}_rows_kept": self.rows_kept,
+            f"{prefix}_rows_dropped": sum(self.dropped.values()),
+        }
+
+
+class _RowError(Exception):
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field_name, reason
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+def validate_source_spec(spec, label: str, where: str) -> None:
+    from .config import RecipeError
+
+    if isinstance(spec, str):
+        return
+    if not isinstance(spec, dict) or "path" not in spec:
+        raise RecipeError(f"{where}: {label} must be a path string or a mapping with a 'path' key, got {spec!r}")
+    unknown = set(spec) - SOURCE_KEYS
+    if unknown:
+        from .config import _nearest
+
+        key = sorted(unknown)[0]
+        raise RecipeError(f"{where}: {label}: unknown key '{key}'; nearest valid keys: {_nearest(key, SOURCE_KEYS)}")
+    frac = spec.get("fraction")
+    if frac is not None and not (isinstance(frac, (int, float)) and 0 < frac <= 1):
+        raise RecipeError(f"{where}: {label}.fraction must be in (0, 1], got {frac!r}")
+
+
+def _spec(spec) -> dict:
+    return {"path": spec} if isinstance(spec, str) else dict(spec)
+
+
+def _read_local_rows(path: str) -> list:
+    """Read a local jsonl/json file ourselves, so a malformed line is reported with its line number."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            rows = []
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: row {lineno}: not valid JSON ({e.msg})") from None
+            return rows
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json source must hold a list of records (or {{'data': [...]}})")
+    return data
+
+
+def load_source_rows(spec) -> tuple[str, list]:
+    """Return (label, raw rows) of one source: a local file/dir or a hub dataset."""
+    spec = _spec(spec)
+    path = spec["path"]
+    split = spec.get("split", "train")
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path):
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: file is empty")
+        if ext in (".jsonl", ".json"):
+            return path, _read_local_rows(path)
+        if ext not in LOCAL_BUILDERS:
+            raise DataError(f"{path}: unsupported file type {ext!r}; use .jsonl, .json or .parquet")
+    elif ext in LOCAL_BUILDERS or path.startswith((".", "/")):
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file or directory")
+
+    import datasets
+
+    if os.path.isfile(path):
+        ds = datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=path, split="train")
+        label = path
+    else:  # a local dataset directory or a hub id
+        kwargs = {k: spec[k] for k in ("name", "data_files", "data_dir", "revision") if spec.get(k) is not None}
+        ds = datasets.load_dataset(path, split=split, **kwargs)
+        label = f"{path}[{split}]"
+    return label, ds.to_list()
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+
+def _text(value, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise _RowError(field_name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _RowError(field_name, "empty text")
+    return value
+
+
+def _messages(value, field_name: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if value == [] else type(value).__name__
+        raise _RowError(field_name, f"expected a non-empty list of messages, got {got}")
+    out = []
+    for i, msg in enumerate(value):
+        where = f"{field_name}[{i}]"
+        if not isinstance(msg, dict):
+            raise _RowError(where, f"expected a message mapping, got {type(msg).__name__}")
+        for key in ("role", "content"):
+            if key not in msg:
+                raise _RowError(where, f"missing '{key}'")
+        role = msg["role"]
+        if role not in ROLES:
+            raise _RowError(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        out.append({"role": role, "content": _text(msg["content"], f"{where}.content")})
+    return out
+
+
+def _check_turn_order(messages: list[dict], field_name: str, *, ends_with: str) -> None:
+    """Optional leading system message, then user/assistant alternating from user, ending with `ends_with`."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not turns:
+        raise _RowError(field_name, "no user or assistant turn")
+    for i, msg in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            idx = i + (len(messages) - len(turns))
+            raise _RowError(f"{field_name}[{idx}].role", f"wrong role order: expected {expected}, got {msg['role']}")
+    if turns[-1]["role"] != ends_with:
+        raise _RowError(field_name, f"wrong role order: must end with a {ends_with} turn")
+
+
+def _as_user_turns(value, field_name: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": _text(value, field_name)}]
+    return _messages(value, field_name)
+
+
+def _as_assistant_turns(value, field_name: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": _text(value, field_name)}]
+    return _messages(value, field_name)
+
+
+def _parse_hh(transcript, field_name: str) -> list[dict]:
+    text = _text(transcript, field_name)
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise _RowError(field_name, "not an hh-rlhf transcript ('\\n\\nHuman: ... \\n\\nAssistant: ...')")
+    msgs = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        msgs.append({"role": role, "content": _text(content.strip(), f"{field_name} ({speaker} turn)")})
+    return msgs
+
+
+def _split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    """Full conversations → (shared prompt up to the last user turn, chosen reply, rejected reply)."""
+    _check_turn_order(chosen, "chosen", ends_with="assistant")
+    _check_turn_order(rejected, "rejected", ends_with="assistant")
+    if chosen[:-1] != rejected[:-1]:
+        raise _RowError("rejected", "chosen and rejected do not share the same prompt turns")
+    return chosen[:-1], chosen[-1:], rejected[-1:]
+
+
+def detect_format(row: dict) -> str:
+    keys = set(row)
+    if "chosen" in keys and "rejected" in keys:
+        if "prompt" in keys:  # strings, or message lists (UltraFeedback-binarized lists repeat the prompt)
+            return "prompt_chosen_rejected"
+        return "hh_rlhf" if isinstance(row["chosen"], str) else "chosen_rejected_conversations"
+    if "messages" in keys:
+        return "messages"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    raise DataError(
+        f"unrecognised row with fields {sorted(keys)}; expected messages | prompt+completion | "
+        "prompt+chosen+rejected | chosen+rejected"
+    )
+
+
+def normalize_row(row: dict, fmt: str, kind: str) -> dict:
+    if not isinstance(row, dict):
+        raise _RowError("(row)", f"expected a JSON object, got {type(row).__name__}")
+    need = {
+        "messages": ["messages"],
+        "prompt_completion": ["prompt", "completion"],
+        "prompt_chosen_rejected": ["prompt", "chosen", "rejected"],
+        "hh_rlhf": ["chosen", "rejected"],
+        "chosen_rejected_conversations": ["chosen", "rejected"],
+    }[fmt]
+    for key in need:
+        if key not in row or row[key] is None:
+            raise _RowError(key, "missing field")
+
+    if fmt == "messages":
+        messages = _messages(row["messages"], "messages")
+    elif fmt == "prompt_completion":
+        messages = _as_user_turns(row["prompt"], "prompt") + _as_assistant_turns(row["completion"], "completion")
+    else:
+        if fmt == "prompt_chosen_rejected":
+            prompt = _as_user_turns(row["prompt"], "prompt")
+            chosen = _as_assistant_turns(row["chosen"], "chosen")
+            rejected = _as_assistant_turns(row["rejected"], "rejected")
+            if chosen and chosen[0]["role"] != "assistant":  # UltraFeedback-binarized: lists repeat the prompt
+                prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
+        elif fmt == "hh_rlhf":
+            prompt, chosen, rejected = _split_shared_prompt(
+                _parse_hh(row["chosen"], "chosen"), _parse_hh(row["rejected"], "rejected")
+            )
+        else:
+            prompt, chosen, rejected = _split_shared_prompt(
+                _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+            )
+        _check_turn_order(prompt, "prompt", ends_with="user")
+        for name, reply in (("chosen", chosen), ("rejected", rejected)):
+            if len(reply) != 1 or reply[0]["role"] != "assistant":
+                raise _RowError(name, "expected exactly one assistant reply after the prompt")
+        if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+            raise _RowError("rejected", "identical to chosen")
+        if kind == CONVERSATION:
+            raise _RowError("chosen", "a preference row where a conversation (SFT) dataset is expected")
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    if kind == PREFERENCE:
+        raise _RowError("messages" if fmt == "messages" else "completion",
+                        "a conversation row where a preference dataset (chosen/rejected) is expected")
+    _check_turn_order(messages, "messages" if fmt == "messages" else "prompt", ends_with="assistant")
+    return {"messages": messages}
+
+
+def normalize_rows(label: str, rows: list, kind: str, drop_invalid: bool) -> tuple[list[dict], LoadReport]:
+    report = LoadReport(rows_read=len(rows))
+    out, fmt = [], None
+    for i, row in enumerate(rows, 1):
+        try:
+            if not isinstance(row, dict):
+                raise _RowError("(row)", f"expected a JSON object, got {type(row).__name__}")
+            if fmt is None:
+                try:
+                    fmt = detect_format(row)
+                except DataError as e:
+                    raise DataError(f"{label}: row {i}: {e}") from None
+            out.append(normalize_row(row, fmt, kind))
+        except _RowError as e:
+            if not drop_invalid:
+                raise DataError(f"{label}: row {i}: field '{e.field}': {e.reason}") from None
+            reason = e.reason.split(":")[0]
+            report.dropped[reason] = report.dropped.get(reason, 0) + 1
+            logger.warning("dropping %s row %d: field '%s': %s", label, i, e.field, e.reason)
+    report.rows_kept = len(out)
+    if not out:
+        raise DataError(f"{label}: no valid rows (read {len(rows)}, dropped {sum(report.dropped.values())})")
+    if report.dropped:
+        logger.warning("%s: dropped %d of %d rows: %s", label, sum(report.dropped.values()), len(rows), report.dropped)
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------------- mixture
+
+
+def _take_fraction(rows: list, fraction: float | None, seed: int) -> list:
+    if fraction is None or fraction >= 1:
+        return rows
+    import random
+
+    n = max(1, round(fraction * len(rows)))
+    idx = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in idx]
+
+
+def load_mixture(specs: list, kind: str, *, seed: int, drop_invalid: bool) -> tuple[list[dict], LoadReport]:
+    rows, report = [], LoadReport()
+    for spec in specs:
+        label, raw = load_source_rows(spec)
+        norm, rep = normalize_rows(label, raw, kind, drop_invalid)
+        rows.extend(_take_fraction(norm, _spec(spec).get("fraction"), seed))
+        report.add(rep)
+    return rows, report
+
+
+def load_splits(data_args, kind: str, seed: int):
+    """Train and held-out `datasets.Dataset`s plus the load report, from a recipe's DataArguments."""
+    import datasets
+
+    train_rows, report = load_mixture(data_args.datasets, kind, seed=seed, drop_invalid=data_args.drop_invalid)
+    if data_args.test_datasets:
+        test_rows, test_report = load_mixture(
+            data_args.test_datasets, kind, seed=seed, drop_invalid=data_args.drop_invalid
+        )
+        report.add(test_report)
+        train, test = datasets.Dataset.from_list(train_rows), datasets.Dataset.from_list(test_rows)
+    else:
+        size = data_args.test_split_size
+        size = int(size) if size >= 1 else size
+        if len(train_rows) < 2:
+            raise DataError("need at least 2 rows to hold out a test split")
+        split = datasets.Dataset.from_list(train_rows).train_test_split(test_size=size, seed=seed)
+        train, test = split["train"], split["test"]
+    if data_args.max_train_samples:
+        train = train.select(range(min(len(train), data_args.max_train_samples)))
+    if data_args.max_eval_samples:
+        test = test.select(range(min(len(test), data_args.max_eval_samples)))
+    return train, test, report
+
+
+def write_jsonl(rows, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")

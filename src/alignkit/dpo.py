@@ -1,0 +1,92 @@
+"""DPO stage: direct preference optimisation with TRL's DPOTrainer.
+
+    python -m alignkit.dpo --config recipes/smol/dpo.yaml [--key value ...]
+
+recipe → preference data (normalised prompt/chosen/rejected, held-out split) → tokenizer + chat template →
+policy (full / LoRA / QLoRA, or the SFT stage's adapter or merged model) → DPOTrainer → train → held-out
+reward accuracy and margin → save (atomic) + metrics.json + train_log.csv + config.yaml.
+
+Reference model: with LoRA/QLoRA it is the policy with the adapter disabled (no second model in memory);
+starting from an SFT adapter, TRL keeps a frozen copy of that adapter as the reference; with
+`precompute_ref_log_probs: true` reference log-probs are computed once up front and no reference is kept.
+"""
+
+from __future__ import annotations
+
+from .stage import Timer, finish, parse_stage_args, run_cli
+
+# Every loss TRL 1.16's DPOTrainer implements (DPOConfig.loss_type; several can be combined with loss_weights).
+LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+
+
+def check_dpo(recipe, fail) -> None:
+    args = recipe.train
+    if args.fp16:
+        fail("fp16 is refused for DPO: the loss is a difference of summed log-probs, which fp16 rounds and "
+             "overflows; use bf16 (GPU) or fp32")
+    unknown = [t for t in args.loss_type if t not in LOSS_TYPES]
+    if unknown:
+        fail(f"loss_type: unknown {unknown}; valid: {', '.join(LOSS_TYPES)}")
+    if args.use_liger_kernel and args.precompute_ref_log_probs:
+        fail("use_liger_kernel cannot be combined with precompute_ref_log_probs (TRL's Liger DPO loss "
+             "computes the reference itself)")
+
+
+def train(argv: list[str]) -> dict:
+    from trl import DPOConfig, DPOTrainer
+
+    from .data import PREFERENCE, load_splits
+    from .models import load_model, load_tokenizer, lora_config
+
+    # 1. Recipe.
+    recipe = parse_stage_args(argv, DPOConfig, stage_check=check_dpo)
+    args = recipe.train
+
+    # 2. Data: every source normalised to conversational prompt/chosen/rejected.
+    train_ds, eval_ds, data_report = load_splits(recipe.data, PREFERENCE, seed=args.seed)
+
+    # 3. Tokenizer and policy. A new LoRA adapter (use_peft) or the SFT stage's adapter (adapter_path).
+    tokenizer = load_tokenizer(recipe)
+    model = load_model(recipe, tokenizer)
+
+    # 4. Trainer. No ref_model: TRL derives the reference from the policy (see module docstring).
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe.model),
+    )
+
+    # 5. Train; measure held-out reward accuracy and margin (implicit rewards vs. the reference).
+    with Timer() as t:
+        result = trainer.train()
+    ev = trainer.evaluate()
+
+    # 6. Save.
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_loss": ev["eval_loss"],
+        "eval_reward_accuracy": ev["eval_rewards/accuracies"],
+        "eval_reward_margin": ev["eval_rewards/margins"],
+        "eval_reward_chosen": ev["eval_rewards/chosen"],
+        "eval_reward_rejected": ev["eval_rewards/rejected"],
+        "train_steps": result.global_step,
+        "train_seconds": t.seconds,
+        "train_rows": len(train_ds),
+        "eval_rows": len(eval_ds),
+        **data_report.as_metrics("data"),
+    }
+    return finish("dpo", recipe, trainer, tokenizer, metrics)
+
+
+def main(argv=None) -> int:
+    return run_cli("dpo", lambda a: (train(a), 0)[1], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

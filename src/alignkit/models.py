@@ -1,0 +1,180 @@
+"""Models and tokenizers: hub id, local directory or GGUF file; full, LoRA or QLoRA; chat templates; saving."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def model_location(model_name_or_path: str, gguf_file: str | None) -> tuple[str, dict]:
+    """(path or hub id for from_pretrained, extra kwargs). A path to a .gguf file is split into dir + gguf_file."""
+    if gguf_file is None and model_name_or_path.endswith(".gguf"):
+        if not os.path.isfile(model_name_or_path):
+            raise FileNotFoundError(f"model_name_or_path: GGUF file not found: {model_name_or_path}")
+        return os.path.dirname(os.path.abspath(model_name_or_path)), {"gguf_file": os.path.basename(model_name_or_path)}
+    if model_name_or_path.startswith((".", "/")) and not os.path.exists(model_name_or_path):
+        raise FileNotFoundError(f"model_name_or_path: no such directory: {model_name_or_path}")
+    return model_name_or_path, ({"gguf_file": gguf_file} if gguf_file else {})
+
+
+def trust_remote_code(recipe) -> bool:
+    # TRL 1.16 keeps the switch on the trainer config; off unless a recipe sets it.
+    return bool(getattr(recipe.train, "trust_remote_code", False))
+
+
+def load_tokenizer(recipe):
+    from transformers import AutoTokenizer
+
+    from .templates import resolve_chat_template
+
+    model_args, extras = recipe.model, recipe.extras
+    path, kwargs = model_location(model_args.model_name_or_path, extras.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=model_args.model_revision, trust_remote_code=trust_remote_code(recipe), **kwargs
+    )
+    template = resolve_chat_template(extras.chat_template)
+    if template is not None:
+        tokenizer.chat_template = template
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"{model_args.model_name_or_path} has no chat template and the recipe sets none; "
+            "set chat_template: (e.g. zephyr or chatml)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(model_args, train_args):
+    import torch
+
+    name = model_args.dtype
+    if name in (None, "auto"):
+        name = "bfloat16" if train_args.bf16 else ("float16" if train_args.fp16 else "float32")
+    if name not in DTYPES:
+        raise ValueError(f"dtype: {name!r} is not one of {', '.join(sorted(DTYPES))}")
+    return getattr(torch, DTYPES[name])
+
+
+def quantization_config(model_args, extras, train_args):
+    """bitsandbytes config for QLoRA (nf4 + double quantisation by default) or 8-bit, else None."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = extras.bnb_4bit_compute_dtype or ("bfloat16" if train_args.bf16 else "float32")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=getattr(torch, DTYPES[compute]),
+        bnb_4bit_quant_storage=getattr(torch, model_args.bnb_4bit_quant_storage or "uint8"),
+    )
+
+
+def lora_config(model_args, task_type: str = "CAUSAL_LM"):
+    """LoRA settings from the recipe; default targets: every linear projection ("all-linear")."""
+    if not model_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type=task_type,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        modules_to_save=model_args.lora_modules_to_save,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        bias="none",
+    )
+
+
+def load_model(recipe, tokenizer, *, auto_class=None):
+    """Load the base model (and the starting adapter, if any) ready for a TRL trainer."""
+    from transformers import AutoModelForCausalLM
+
+    model_args, extras, train_args = recipe.model, recipe.extras, recipe.train
+    auto_class = auto_class or AutoModelForCausalLM
+    path, kwargs = model_location(model_args.model_name_or_path, extras.gguf_file)
+    quant = quantization_config(model_args, extras, train_args)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    model = auto_class.from_pretrained(
+        path,
+        revision=model_args.model_revision,
+        trust_remote_code=trust_remote_code(recipe),
+        dtype=torch_dtype(model_args, train_args),
+        attn_implementation=model_args.attn_implementation or "sdpa",
+        **kwargs,
+    )
+    if "gguf_file" in kwargs:
+        _drop_gguf_quantizer(model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if extras.adapter_path:
+        from peft import PeftModel
+
+        if not os.path.isfile(os.path.join(extras.adapter_path, "adapter_config.json")):
+            raise FileNotFoundError(f"adapter_path: no adapter_config.json in {extras.adapter_path}")
+        model = PeftModel.from_pretrained(model, extras.adapter_path, is_trainable=True)
+    return model
+
+
+def _drop_gguf_quantizer(model) -> None:
+    # transformers dequantises GGUF weights on load but keeps the quantizer, which then refuses to save
+    # ("quantized with gguf and is not serializable"). The weights are plain tensors: drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+@contextlib.contextmanager
+def atomic_output(final_dir: str):
+    """Yield a temporary sibling directory; rename it to `final_dir` only if the block finishes.
+
+    A crash (or kill) leaves at most a `.<name>.tmp-*` directory, never a half-written `final_dir`
+    that DVC would take as complete.
+    """
+    final_dir = os.path.abspath(final_dir)
+    parent, name = os.path.split(final_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(final_dir):
+        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        os.rename(final_dir, os.path.join(old, name))
+    os.rename(tmp, final_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_trained(trainer, tokenizer, out_dir: str, merge: bool) -> None:
+    """Save the model (or adapter) as safetensors plus the tokenizer; optionally a merged copy under merged/."""
+    trainer.save_model(out_dir)  # safetensors by default (save_safetensors is always on in transformers 5)
+    tokenizer.save_pretrained(out_dir)
+    if merge:
+        model = trainer.model
+        if not hasattr(model, "merge_and_unload"):
+            raise ValueError("merge_adapter: true needs a LoRA run (use_peft or adapter_path)")
+        merged = model.merge_and_unload()
+        merged.save_pretrained(os.path.join(out_dir, "merged"))
+        tokenizer.save_pretrained(os.path.join(out_dir, "merged"))

@@ -1,0 +1,85 @@
+"""SFT stage: supervised fine-tuning on conversations, loss on assistant tokens only.
+
+    python -m alignkit.sft --config recipes/smol/sft.yaml [--key value ...]
+
+recipe → data (normalised conversations, held-out split) → tokenizer + chat template → model (full / LoRA /
+QLoRA) → TRL SFTTrainer → train → held-out loss → save (atomic) + metrics.json + train_log.csv + config.yaml.
+"""
+
+from __future__ import annotations
+
+from .stage import Timer, finish, parse_stage_args, run_cli
+
+
+# SFT trains on the assistant's tokens only unless the recipe says otherwise.
+STAGE_DEFAULTS = {"assistant_only_loss": True}
+
+
+def check_sft(recipe, fail) -> None:
+    from trl.chat_template_utils import has_generation_markers
+
+    from .templates import resolve_chat_template
+
+    template = resolve_chat_template(recipe.extras.chat_template)
+    if recipe.train.assistant_only_loss and template is not None and not has_generation_markers(template):
+        fail("assistant_only_loss needs a chat template with {% generation %} markers; "
+             "use a named one (smollm2, chatml, zephyr) or set assistant_only_loss: false")
+
+
+def train(argv: list[str]) -> dict:
+    from trl import SFTConfig, SFTTrainer
+    from trl.chat_template_utils import has_generation_markers
+
+    from .data import CONVERSATION, load_splits
+    from .models import load_model, load_tokenizer, lora_config
+
+    # 1. Recipe.
+    recipe = parse_stage_args(argv, SFTConfig, stage_check=check_sft, stage_defaults=STAGE_DEFAULTS)
+    args = recipe.train
+
+    # 2. Data: every source normalised to {"messages": [...]}, bad rows named by file and row.
+    train_ds, eval_ds, data_report = load_splits(recipe.data, CONVERSATION, seed=args.seed)
+
+    # 3. Tokenizer and model.
+    tokenizer = load_tokenizer(recipe)
+    if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+        raise ValueError(
+            f"{recipe.model.model_name_or_path}'s chat template has no {{% generation %}} markers, which "
+            "assistant_only_loss needs; set chat_template: (smollm2, chatml, zephyr) in the recipe"
+        )
+    model = load_model(recipe, tokenizer)
+
+    # 4. Trainer.
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe.model),
+    )
+
+    # 5. Train and measure on held-out conversations.
+    with Timer() as t:
+        result = trainer.train()
+    eval_metrics = trainer.evaluate()
+
+    # 6. Save.
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_loss": eval_metrics["eval_loss"],
+        "train_steps": result.global_step,
+        "train_seconds": t.seconds,
+        "train_rows": len(train_ds),
+        "eval_rows": len(eval_ds),
+        **data_report.as_metrics("data"),
+    }
+    return finish("sft", recipe, trainer, tokenizer, metrics)
+
+
+def main(argv=None) -> int:
+    return run_cli("sft", lambda a: (train(a), 0)[1], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

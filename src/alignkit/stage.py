@@ -1,0 +1,117 @@
+"""What every training stage shares: argv → recipe, clean errors, and the outputs a stage leaves behind.
+
+A stage module (sft.py, dpo.py, ...) reads top to bottom: recipe → data → model → trainer → train → save.
+Only the pieces that would otherwise be written twice live here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+import time
+
+import yaml
+
+from .config import Recipe, RecipeError, load_recipe, split_config_arg
+
+logger = logging.getLogger("alignkit")
+
+# Errors a user can fix from the message alone: printed as one line, exit status 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, FileNotFoundError)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataError
+
+    return USER_ERRORS + (DataError,)
+
+
+def run_cli(stage: str, body, argv) -> int:
+    """Run `body(argv)`; a user error becomes `alignkit <stage>: error: <message>` and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        return body(list(sys.argv[1:] if argv is None else argv)) or 0
+    except user_errors() as e:
+        print(f"alignkit {stage}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def parse_stage_args(argv: list[str], trainer_config_cls, stage_check=None, stage_defaults=None) -> Recipe:
+    config_path, rest = split_config_arg(argv)
+    recipe = load_recipe(
+        config_path, rest, trainer_config_cls, stage_check=stage_check, stage_defaults=stage_defaults
+    )
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)
+    return recipe
+
+
+def log_rows(log_history: list[dict]) -> list[dict]:
+    """Per-step training log entries (not eval entries, not the final summary)."""
+    return [e for e in log_history if "loss" in e and "train_runtime" not in e]
+
+
+def write_log_csv(log_history: list[dict], path: str) -> None:
+    rows = log_rows(log_history)
+    columns = ["step"] + sorted({k for r in rows for k in r} - {"step"})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in columns})
+
+
+def round_floats(d: dict, digits: int = 6) -> dict:
+    return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def finish(stage: str, recipe: Recipe, trainer, tokenizer, metrics: dict) -> dict:
+    """Save model/adapter, metrics.json, train_log.csv and config.yaml into the output dir, atomically."""
+    from .models import atomic_output, save_trained
+
+    out_dir = recipe.train.output_dir
+    metrics = round_floats(dict(sorted(metrics.items())))
+    with atomic_output(out_dir) as tmp:
+        save_trained(trainer, tokenizer, tmp, merge=recipe.extras.merge_adapter)
+        with open(os.path.join(tmp, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        write_log_csv(trainer.state.log_history, os.path.join(tmp, "train_log.csv"))
+        resolved = recipe.resolved()
+        resolved["output_dir"] = out_dir  # not the temporary directory
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            yaml.safe_dump(_plain(resolved), f, sort_keys=True)
+        for name in ("README.md", "training_args.bin"):  # trainer boilerplate: not reproducible, not needed
+            if os.path.exists(os.path.join(tmp, name)):
+                os.remove(os.path.join(tmp, name))
+    if recipe.extras.metrics_dir:
+        os.makedirs(recipe.extras.metrics_dir, exist_ok=True)
+        with open(os.path.join(recipe.extras.metrics_dir, f"{stage}.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        write_log_csv(trainer.state.log_history, os.path.join(recipe.extras.metrics_dir, f"{stage}_log.csv"))
+    logger.info("%s done: %s → %s", stage, json.dumps(metrics), out_dir)
+    return metrics
+
+
+def _plain(value):
+    """YAML-safe copy (enums and other objects become strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.time()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.time() - self.start

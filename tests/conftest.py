@@ -1,0 +1,136 @@
+"""Shared fixtures: a tiny Llama with a small BPE tokenizer trained here, and tiny datasets on disk.
+
+A 49k vocabulary makes even a 2-layer model ~50x slower; a ~300-token byte-level BPE keeps every trainer
+step in the tens of milliseconds, so the suite can afford real training runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Japan is Tokyo.",
+    "What is two plus two? Four. What is the opposite of hot? Cold.",
+    "Answer in one word. The sky is blue and the grass is green.",
+    "You are a helpful assistant. Hello! How can I help you today?",
+    "The quick brown fox jumps over the lazy dog. Cats and dogs are animals.",
+    "system user assistant question answer good bad right wrong yes no",
+]
+
+QA = [
+    ("What is the capital of France?", "Paris.", "London."),
+    ("What is the capital of Japan?", "Tokyo.", "Paris."),
+    ("What is two plus two?", "Four.", "Five."),
+    ("What is the opposite of hot?", "Cold.", "Warm."),
+    ("What color is the sky?", "Blue.", "Green."),
+    ("What color is the grass?", "Green.", "Blue."),
+    ("Say hello.", "Hello!", "Bye."),
+    ("Is a cat an animal?", "Yes.", "No."),
+]
+
+TINY_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_model(path: str, seed: int = 0) -> str:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        CORPUS + [q + " " + a + " " + r for q, a, r in QA],
+        trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = TINY_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("data")
+    sft = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a, _ in QA]
+    pref = [{"prompt": q, "chosen": a, "rejected": r} for q, a, r in QA]
+    return {
+        "sft_train": write_jsonl(d / "sft_train.jsonl", sft * 2),
+        "sft_test": write_jsonl(d / "sft_test.jsonl", sft[:4]),
+        "pref_train": write_jsonl(d / "pref_train.jsonl", pref * 2),
+        "pref_test": write_jsonl(d / "pref_test.jsonl", pref[:4]),
+    }
+
+
+def tiny_recipe(tmp_path, model: str, data: dict, stage: str, **overrides) -> str:
+    """Write a recipe YAML for the tiny model and return its path."""
+    import yaml
+
+    kind = "sft" if stage == "sft" else "pref"
+    recipe = {
+        "model_name_or_path": model,
+        "datasets": [{"path": data[f"{kind}_train"]}],
+        "test_datasets": [{"path": data[f"{kind}_test"]}],
+        "output_dir": str(tmp_path / f"out-{stage}"),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "seed": 7,
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "dataset_num_proc": None,
+    }
+    if stage == "dpo":
+        recipe.update(beta=0.1, max_length=64)
+    else:
+        recipe.update(max_length=64)
+    recipe.update(overrides)
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)

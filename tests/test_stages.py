@@ -1,0 +1,103 @@
+"""SFT and DPO stages on the tiny model: golden numbers, LoRA isolation, determinism, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+from conftest import tiny_recipe
+from safetensors.torch import load_file
+
+
+def run_stage(stage: str, recipe: str, *extra: str) -> dict:
+    from alignkit import dpo, sft
+
+    return {"sft": sft, "dpo": dpo}[stage].train(["--config", recipe, *extra])
+
+
+def first_logged(out_dir: str, key: str = "loss") -> float:
+    import csv
+
+    with open(os.path.join(out_dir, "train_log.csv")) as f:
+        return float(next(csv.DictReader(f))[key])
+
+
+@pytest.mark.parametrize("loss_type,expected", [("sigmoid", math.log(2)), ("hinge", 1.0)])
+def test_dpo_step1_loss_closed_form(tmp_path, tiny_model, tiny_data, loss_type, expected):
+    # At step 1 the LoRA adapter is zero-initialised, so policy == reference and every log-ratio is 0.
+    recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", max_steps=1, loss_type=[loss_type])
+    run_stage("dpo", recipe)
+    assert first_logged(str(tmp_path / "out-dpo")) == pytest.approx(expected, abs=1e-6)
+
+
+def test_dpo_outputs_and_metrics(tmp_path, tiny_model, tiny_data):
+    recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", metrics_dir=str(tmp_path / "metrics"))
+    metrics = run_stage("dpo", recipe)
+    out = tmp_path / "out-dpo"
+    files = set(os.listdir(out))
+    assert {"adapter_model.safetensors", "adapter_config.json", "metrics.json", "train_log.csv",
+            "config.yaml", "tokenizer.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    for key in ("eval_reward_accuracy", "eval_reward_margin", "eval_loss", "train_loss"):
+        assert key in metrics
+    assert json.load(open(out / "metrics.json")) == metrics
+    assert json.load(open(tmp_path / "metrics" / "dpo.json")) == metrics
+    assert (tmp_path / "metrics" / "dpo_log.csv").read_text().startswith("step,")
+    # nothing but the final directory is left next to it
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".out-dpo")] == []
+
+
+def test_lora_changes_only_adapter_weights(tmp_path, tiny_model, tiny_data):
+    before = load_file(os.path.join(tiny_model, "model.safetensors"))
+    recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", merge_adapter=True)
+    run_stage("sft", recipe)
+    out = tmp_path / "out-sft"
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    # the base weights on disk are untouched, and the merged model differs from the base exactly where LoRA sits
+    after = load_file(os.path.join(tiny_model, "model.safetensors"))
+    assert all((before[k] == after[k]).all() for k in before)
+    merged = load_file(str(out / "merged" / "model.safetensors"))
+    changed = {k for k in before if not (before[k] == merged[k]).all()}
+    assert changed and all(k.endswith("proj.weight") for k in changed)
+    assert "model.embed_tokens.weight" not in changed
+
+
+def test_two_runs_same_seed_bit_identical(tmp_path, tiny_model, tiny_data):
+    a = tiny_recipe(tmp_path / "a", tiny_model, tiny_data, "dpo") if (tmp_path / "a").mkdir() is None else None
+    b = tiny_recipe(tmp_path / "b", tiny_model, tiny_data, "dpo") if (tmp_path / "b").mkdir() is None else None
+    ma, mb = run_stage("dpo", a), run_stage("dpo", b)
+    wa = load_file(str(tmp_path / "a" / "out-dpo" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "out-dpo" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+    assert {k: v for k, v in ma.items() if "seconds" not in k} == {k: v for k, v in mb.items() if "seconds" not in k}
+
+
+def test_precomputed_reference_gives_identical_losses(tmp_path, tiny_model, tiny_data):
+    (tmp_path / "on").mkdir(), (tmp_path / "pre").mkdir()
+    online = tiny_recipe(tmp_path / "on", tiny_model, tiny_data, "dpo")
+    pre = tiny_recipe(tmp_path / "pre", tiny_model, tiny_data, "dpo", precompute_ref_log_probs=True)
+    run_stage("dpo", online), run_stage("dpo", pre)
+    import csv
+
+    def losses(d):
+        with open(d / "out-dpo" / "train_log.csv") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+
+    lo, lp = losses(tmp_path / "on"), losses(tmp_path / "pre")
+    assert len(lo) == 3 and lo == pytest.approx(lp, abs=1e-6)
+
+
+def test_dpo_from_sft_adapter(tmp_path, tiny_model, tiny_data):
+    sft_recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "sft")
+    run_stage("sft", sft_recipe)
+    dpo_recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", use_peft=False,
+                             adapter_path=str(tmp_path / "out-sft"), max_steps=1)
+    run_stage("dpo", dpo_recipe)
+    # the reference is a frozen copy of the SFT adapter, so step 1 is again the closed form
+    assert first_logged(str(tmp_path / "out-dpo")) == pytest.approx(math.log(2), abs=1e-6)
+    adapter = load_file(str(tmp_path / "out-dpo" / "adapter_model.safetensors"))
+    assert adapter and not any(".ref." in k for k in adapter)
