@@ -93,6 +93,11 @@ class Recipe:
     train: Any  # the stage's TRL config
     explicit_keys: set[str]
     notes: list[str]
+    half_precision: set[str] = field(default_factory=set)  # {"bf16", "fp16"} as asked by YAML/CLI
+
+    def asks(self, precision: str) -> bool:
+        """Whether the recipe asks for bf16/fp16, even when `alignkit check` validated it in fp32 on a CPU."""
+        return precision in self.half_precision or bool(getattr(self.train, precision))
 
     def resolved(self) -> dict:
         """Flat dict of every key of this recipe, as it will be used (written next to each stage output)."""
@@ -175,7 +180,12 @@ def load_recipe(
     notes: list[str] = []
 
     defaults = {**(stage_defaults or {}), **config}
-    wants_half = bool(config.get("bf16")) or bool(config.get("fp16")) or "--bf16" in argv or "--fp16" in argv
+    half = {p for p in ("bf16", "fp16") if config.get(p) is True or f"--{p}" in argv or f"--{p}=true" in argv}
+    if any(a in ("--bf16", "--fp16") for a in argv):  # `--bf16 false` is not a request
+        for i, a in enumerate(argv[:-1]):
+            if a in ("--bf16", "--fp16") and argv[i + 1].lower() in ("false", "0", "no"):
+                half.discard(a[2:])
+    wants_half = bool(half)
     if for_check and not has_cuda:
         if wants_half or config.get("requires_gpu"):
             notes.append("GPU recipe: validated here with fp32 on CPU; it will refuse to train without a GPU")
@@ -194,17 +204,14 @@ def load_recipe(
 
     parser = TrlParser(classes)
     parser.set_defaults_with_config(**defaults)
-    cli = [a for a in argv]
-    if for_check and not has_cuda:
-        cli = [a for a in cli if a not in ("--bf16", "--fp16")]
     try:
-        data, extras, model, train = parser.parse_args_into_dataclasses(args=cli)
+        data, extras, model, train = parser.parse_args_into_dataclasses(args=list(argv))
     except SystemExit as e:  # argparse prints its own message for a bad CLI value
         raise RecipeError(f"{where}: invalid command-line arguments {argv}") from e
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: {e}") from e
 
-    recipe = Recipe(config_path, data, model, extras, train, explicit, notes)
+    recipe = Recipe(config_path, data, model, extras, train, explicit, notes, half)
     validate(recipe, for_check=for_check, has_cuda=has_cuda, stage_check=stage_check)
     return recipe
 
@@ -236,7 +243,7 @@ def validate(recipe: Recipe, *, for_check: bool, has_cuda: bool, stage_check=Non
         fail("QLoRA (load_in_4bit/load_in_8bit) needs use_peft: true — a quantised base cannot be fully fine-tuned")
     if x.adapter_path and m.use_peft:
         fail("adapter_path continues training an existing adapter; do not also set use_peft (a new adapter)")
-    if t.bf16 and t.fp16:
+    if recipe.asks("bf16") and recipe.asks("fp16"):
         fail("bf16 and fp16 are mutually exclusive")
     if x.bnb_4bit_compute_dtype not in (None, "bfloat16", "float16", "float32"):
         fail(f"bnb_4bit_compute_dtype: {x.bnb_4bit_compute_dtype!r} is not one of bfloat16, float16, float32")

@@ -185,13 +185,20 @@ def _check_turn_order(messages: list[dict], field_name: str, *, ends_with: str) 
         raise _RowError(field_name, f"wrong role order: must end with a {ends_with} turn")
 
 
+def _text_or_messages(value, field_name: str) -> None:
+    if not isinstance(value, (str, list)):
+        raise _RowError(field_name, f"expected a string or a list of messages, got {type(value).__name__}")
+
+
 def _as_user_turns(value, field_name: str) -> list[dict]:
+    _text_or_messages(value, field_name)
     if isinstance(value, str):
         return [{"role": "user", "content": _text(value, field_name)}]
     return _messages(value, field_name)
 
 
 def _as_assistant_turns(value, field_name: str) -> list[dict]:
+    _text_or_messages(value, field_name)
     if isinstance(value, str):
         return [{"role": "assistant", "content": _text(value, field_name)}]
     return _messages(value, field_name)

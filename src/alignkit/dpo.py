@@ -22,9 +22,18 @@ LOSS_TYPES = (
 )
 
 
-def check_dpo(recipe, fail) -> None:
+STAGE_DEFAULTS: dict = {}
+
+
+def config_class():
+    from trl import DPOConfig
+
+    return DPOConfig
+
+
+def stage_check(recipe, fail) -> None:
     args = recipe.train
-    if args.fp16:
+    if recipe.asks("fp16"):
         fail("fp16 is refused for DPO: the loss is a difference of summed log-probs, which fp16 rounds and "
              "overflows; use bf16 (GPU) or fp32")
     unknown = [t for t in args.loss_type if t not in LOSS_TYPES]
@@ -36,13 +45,13 @@ def check_dpo(recipe, fail) -> None:
 
 
 def train(argv: list[str]) -> dict:
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from .data import PREFERENCE, load_splits
     from .models import load_model, load_tokenizer, lora_config
 
     # 1. Recipe.
-    recipe = parse_stage_args(argv, DPOConfig, stage_check=check_dpo)
+    recipe = parse_stage_args(argv, config_class(), stage_check=stage_check, stage_defaults=STAGE_DEFAULTS)
     args = recipe.train
 
     # 2. Data: every source normalised to conversational prompt/chosen/rejected.

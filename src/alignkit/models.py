@@ -169,12 +169,17 @@ def atomic_output(final_dir: str):
 
 def save_trained(trainer, tokenizer, out_dir: str, merge: bool) -> None:
     """Save the model (or adapter) as safetensors plus the tokenizer; optionally a merged copy under merged/."""
-    trainer.save_model(out_dir)  # safetensors by default (save_safetensors is always on in transformers 5)
+    model = trainer.model
+    if hasattr(model, "peft_config") and len(model.peft_config) > 1:
+        # DPO from an SFT adapter adds a frozen "ref" copy of it; only the trained adapter is the result.
+        model.save_pretrained(out_dir, selected_adapters=["default"])
+    else:
+        trainer.save_model(out_dir)  # safetensors (transformers 5 always saves safetensors)
     tokenizer.save_pretrained(out_dir)
     if merge:
-        model = trainer.model
         if not hasattr(model, "merge_and_unload"):
             raise ValueError("merge_adapter: true needs a LoRA run (use_peft or adapter_path)")
-        merged = model.merge_and_unload()
+        # merge only the trained adapter (a DPO run from an SFT adapter also holds a frozen "ref" copy)
+        merged = model.merge_and_unload(adapter_names=["default"])
         merged.save_pretrained(os.path.join(out_dir, "merged"))
         tokenizer.save_pretrained(os.path.join(out_dir, "merged"))

@@ -15,7 +15,13 @@ from .stage import Timer, finish, parse_stage_args, run_cli
 STAGE_DEFAULTS = {"assistant_only_loss": True}
 
 
-def check_sft(recipe, fail) -> None:
+def config_class():
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+def stage_check(recipe, fail) -> None:
     from trl.chat_template_utils import has_generation_markers
 
     from .templates import resolve_chat_template
@@ -27,14 +33,14 @@ def check_sft(recipe, fail) -> None:
 
 
 def train(argv: list[str]) -> dict:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
     from trl.chat_template_utils import has_generation_markers
 
     from .data import CONVERSATION, load_splits
     from .models import load_model, load_tokenizer, lora_config
 
     # 1. Recipe.
-    recipe = parse_stage_args(argv, SFTConfig, stage_check=check_sft, stage_defaults=STAGE_DEFAULTS)
+    recipe = parse_stage_args(argv, config_class(), stage_check=stage_check, stage_defaults=STAGE_DEFAULTS)
     args = recipe.train
 
     # 2. Data: every source normalised to {"messages": [...]}, bad rows named by file and row.

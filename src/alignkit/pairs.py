@@ -1,0 +1,70 @@
+"""`data` stage helper: build preference pairs from questions with reference answers (Anima's recipe).
+
+    python -m alignkit.pairs --model build/models/base --questions data/smol/dpo_prompts.jsonl \
+        --out build/data/dpo_train.jsonl
+
+chosen = the reference answer, rejected = the model's own greedy answer. A pair whose generated answer
+agrees with the reference is not a preference and is dropped (counted in the stats file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .stage import run_cli
+
+
+def build_pairs(conversations: list[dict], answers: list[str]) -> tuple[list[dict], int]:
+    from .generation import normalize_answer
+
+    pairs, dropped = [], 0
+    for conv, answer in zip(conversations, answers):
+        prompt, reference = conv["messages"][:-1], conv["messages"][-1]
+        if not answer.strip() or normalize_answer(answer) == normalize_answer(reference["content"]):
+            dropped += 1
+            continue
+        pairs.append({"prompt": prompt, "chosen": [reference], "rejected": [{"role": "assistant", "content": answer}]})
+    return pairs, dropped
+
+
+def run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alignkit pairs", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model directory whose own answers become the rejected side")
+    p.add_argument("--adapter", default=None, help="optional PEFT adapter on top of --model")
+    p.add_argument("--questions", required=True, help="jsonl/json/parquet with prompt+completion or messages rows")
+    p.add_argument("--out", required=True, help="output .jsonl of prompt/chosen/rejected rows")
+    p.add_argument("--chat_template", default=None)
+    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from .data import CONVERSATION, load_source_rows, normalize_rows, write_jsonl
+    from .generation import generate, load_for_inference
+
+    label, raw = load_source_rows(args.questions)
+    conversations, _ = normalize_rows(label, raw, CONVERSATION, drop_invalid=False)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.chat_template)
+    answers, stats = generate(model, tokenizer, [c["messages"][:-1] for c in conversations],
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    pairs, dropped = build_pairs(conversations, answers)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    write_jsonl(pairs, tmp)
+    os.replace(tmp, args.out)  # atomic: never a half-written pair file
+    stats.update(questions=len(conversations), pairs=len(pairs), dropped_agreeing=dropped)
+    with open(os.path.splitext(args.out)[0] + ".stats.json", "w") as f:
+        json.dump(stats, f, indent=2, sort_keys=True)
+    print(json.dumps(stats))
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli("pairs", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

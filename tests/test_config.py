@@ -1,0 +1,117 @@
+"""Recipes: unknown keys with nearest valid ones, CLI beats YAML, cross-field checks, GPU refusal, check."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from alignkit import dpo, sft
+from alignkit.cli import check, stage_of
+from alignkit.config import RecipeError, load_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, **keys) -> str:
+    base = {"model_name_or_path": "some/model", "datasets": [{"path": "d.jsonl"}], "output_dir": "out"}
+    base.update(keys)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return str(path)
+
+
+def load(path, argv=(), stage=dpo, **kw):
+    return load_recipe(path, list(argv), stage.config_class(), stage_check=stage.stage_check,
+                       stage_defaults=stage.STAGE_DEFAULTS, **kw)
+
+
+def test_unknown_key_names_nearest_valid(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        load(write(tmp_path, lerning_rate=1e-4))
+    assert "unknown key 'lerning_rate'" in str(err.value) and "learning_rate" in str(err.value)
+
+
+def test_unknown_cli_key_is_named(tmp_path):
+    with pytest.raises(RecipeError, match=r"unknown key 'betta' \(command line\).*beta"):
+        load(write(tmp_path), ["--betta", "0.2"])
+
+
+def test_unknown_key_in_a_data_source(tmp_path):
+    with pytest.raises(RecipeError, match=r"datasets\[0\]: unknown key 'fracton'.*fraction"):
+        load(write(tmp_path, datasets=[{"path": "d.jsonl", "fracton": 0.5}]))
+
+
+def test_cli_overrides_beat_yaml_and_are_typed(tmp_path):
+    r = load(write(tmp_path, beta=0.1, learning_rate=1e-4, lora_target_modules=["q_proj"]),
+             ["--beta", "0.3", "--lora_target_modules", "k_proj", "v_proj", "--use_peft", "true"])
+    assert r.train.beta == 0.3 and r.train.learning_rate == 1e-4
+    assert r.model.lora_target_modules == ["k_proj", "v_proj"] and r.model.use_peft is True
+    assert "beta" in r.explicit_keys
+
+
+def test_cpu_precision_defaults(tmp_path):
+    # TRL's own default (bf16=True) raises on a machine without a GPU; alignkit picks fp32 on CPU.
+    r = load(write(tmp_path))
+    assert r.train.bf16 is False and r.train.fp16 is False and r.train.use_cpu is True
+    assert r.train.gradient_checkpointing is False  # not worth it on CPU
+    assert r.train.report_to == [] or r.train.report_to == "none" or r.train.report_to == ["none"]
+
+
+def test_sft_defaults_to_assistant_only_loss(tmp_path):
+    assert load(write(tmp_path), stage=sft).train.assistant_only_loss is True
+    assert load(write(tmp_path, assistant_only_loss=False), stage=sft).train.assistant_only_loss is False
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"load_in_4bit": True}, "QLoRA .* needs use_peft"),
+    ({"load_in_4bit": True, "load_in_8bit": True, "use_peft": True}, "8 bit and 4 bit"),
+    ({"loss_type": ["sigmoid", "nonsense"]}, r"loss_type: unknown \['nonsense'\]"),
+    ({"chat_template": "vicuna"}, "unknown template name 'vicuna'"),
+    ({"adapter_path": "x", "use_peft": True}, "do not also set use_peft"),
+    ({"datasets": []}, "at least one training source"),
+    ({"datasets": [{"path": "d.jsonl", "fraction": 1.5}]}, r"fraction must be in \(0, 1\]"),
+])
+def test_contradictory_recipes_are_refused(tmp_path, keys, message):
+    with pytest.raises(RecipeError, match=message):
+        load(write(tmp_path, **keys))
+
+
+def test_fp16_refused_for_dpo_with_reason(tmp_path):
+    with pytest.raises(RecipeError, match="fp16 is refused for DPO"):
+        load(write(tmp_path, fp16=True, bf16=False), for_check=True)
+
+
+def test_gpu_recipe_refused_on_cpu_before_loading(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RecipeError, match=r"needs a CUDA GPU \(bf16: true\).*nothing was loaded"):
+        load(write(tmp_path, bf16=True))
+    # ...while `alignkit check` still validates it, with a note
+    r = load(write(tmp_path, bf16=True), for_check=True)
+    assert any("GPU recipe" in n for n in r.notes)
+
+
+def test_stage_of_recipe_file_names():
+    assert stage_of("recipes/zephyr/dpo_qlora.yaml") == "dpo"
+    assert stage_of("recipes/smol/sft.yaml") == "sft"
+    assert stage_of("recipes/smol/params.yaml") is None
+
+
+def test_check_passes_on_every_recipe_in_the_repo(capsys):
+    recipes = sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True))
+    assert recipes, "no recipes found"
+    assert check(recipes) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("ok   ") == len(recipes)
+
+
+def test_check_reports_a_bad_recipe(tmp_path, capsys):
+    bad = tmp_path / "dpo.yaml"
+    bad.write_text(yaml.safe_dump({"model_name_or_path": "m", "datasets": ["d.jsonl"], "bta": 0.1}))
+    assert check([str(bad)]) == 1
+    assert "FAIL" in capsys.readouterr().out
