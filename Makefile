@@ -32,8 +32,6 @@ $(STAMP): requirements/cpu.lock requirements/models.txt pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	@test -d .dvc || $(BIN)/dvc init -q
-	$(BIN)/dvc config core.analytics false
 	$(RUN) $(BIN)/dvc repro
 	@echo
 	@echo "report:  reports/smol.md"

@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from alignkit.templates import CHATML
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -37,16 +39,7 @@ QA = [
     ("Is a cat an animal?", "Yes.", "No."),
 ]
 
-TINY_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+TINY_TEMPLATE = CHATML  # with {% generation %} markers, like every named template
 
 
 def build_tiny_model(path: str, seed: int = 0) -> str:

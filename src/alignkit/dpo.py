@@ -13,7 +13,7 @@ starting from an SFT adapter, TRL keeps a frozen copy of that adapter as the ref
 
 from __future__ import annotations
 
-from .stage import Timer, finish, parse_stage_args, run_cli
+from .stage import finish, parse_stage_args, run_cli, train_and_evaluate
 
 # Every loss TRL 1.16's DPOTrainer implements (DPOConfig.loss_type; several can be combined with loss_weights).
 LOSS_TYPES = (
@@ -71,25 +71,16 @@ def train(argv: list[str]) -> dict:
         peft_config=lora_config(recipe.model),
     )
 
-    # 5. Train; measure held-out reward accuracy and margin (implicit rewards vs. the reference).
-    with Timer() as t:
-        result = trainer.train()
-    ev = trainer.evaluate()
-
-    # 6. Save.
-    metrics = {
-        "train_loss": result.training_loss,
-        "eval_loss": ev["eval_loss"],
+    # 5. Train; held-out reward accuracy and margin (implicit rewards vs. the reference).
+    metrics, ev = train_and_evaluate(trainer, data_report)
+    metrics.update({
         "eval_reward_accuracy": ev["eval_rewards/accuracies"],
         "eval_reward_margin": ev["eval_rewards/margins"],
         "eval_reward_chosen": ev["eval_rewards/chosen"],
         "eval_reward_rejected": ev["eval_rewards/rejected"],
-        "train_steps": result.global_step,
-        "train_seconds": t.seconds,
-        "train_rows": len(train_ds),
-        "eval_rows": len(eval_ds),
-        **data_report.as_metrics("data"),
-    }
+    })
+
+    # 6. Save.
     return finish("dpo", recipe, trainer, tokenizer, metrics)
 
 

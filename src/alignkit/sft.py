@@ -8,7 +8,7 @@ QLoRA) → TRL SFTTrainer → train → held-out loss → save (atomic) + metric
 
 from __future__ import annotations
 
-from .stage import Timer, finish, parse_stage_args, run_cli
+from .stage import finish, parse_stage_args, run_cli, train_and_evaluate
 
 
 # SFT trains on the assistant's tokens only unless the recipe says otherwise.
@@ -65,21 +65,10 @@ def train(argv: list[str]) -> dict:
         peft_config=lora_config(recipe.model),
     )
 
-    # 5. Train and measure on held-out conversations.
-    with Timer() as t:
-        result = trainer.train()
-    eval_metrics = trainer.evaluate()
+    # 5. Train; held-out loss.
+    metrics, _ = train_and_evaluate(trainer, data_report)
 
     # 6. Save.
-    metrics = {
-        "train_loss": result.training_loss,
-        "eval_loss": eval_metrics["eval_loss"],
-        "train_steps": result.global_step,
-        "train_seconds": t.seconds,
-        "train_rows": len(train_ds),
-        "eval_rows": len(eval_ds),
-        **data_report.as_metrics("data"),
-    }
     return finish("sft", recipe, trainer, tokenizer, metrics)
 
 

@@ -66,6 +66,24 @@ def write_log_csv(log_history: list[dict], path: str) -> None:
             writer.writerow({k: row.get(k, "") for k in columns})
 
 
+def train_and_evaluate(trainer, data_report) -> tuple[dict, dict]:
+    """Train, then evaluate on the held-out split. Returns (the metrics every stage reports, raw eval metrics)."""
+    start = time.time()
+    result = trainer.train()
+    seconds = time.time() - start
+    evaluation = trainer.evaluate()
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_loss": evaluation["eval_loss"],
+        "train_steps": result.global_step,
+        "train_seconds": seconds,
+        "train_rows": len(trainer.train_dataset),
+        "eval_rows": len(trainer.eval_dataset),
+        **data_report.as_metrics("data"),
+    }
+    return metrics, evaluation
+
+
 def round_floats(d: dict, digits: int = 6) -> dict:
     return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in d.items()}
 
@@ -106,12 +124,3 @@ def _plain(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.time()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.time() - self.start

@@ -8,31 +8,25 @@ Rendered without the markers' effect they are byte-identical to the upstream tem
 
 from __future__ import annotations
 
+# One ChatML turn; the assistant's content and its <|im_end|> are inside the generation markers.
+_CHATML_TURN = (
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+)
+_CHATML_GENERATION_PROMPT = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+
+# Plain ChatML (no default system prompt), for base models trained with `<|im_start|>`/`<|im_end|>` tokens.
+CHATML = "{% for message in messages %}" + _CHATML_TURN + "{% endfor %}" + _CHATML_GENERATION_PROMPT
+
 # ChatML as used by SmolLM2-Instruct: a default system prompt is inserted when the conversation has none.
 SMOLLM2 = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# Plain ChatML (no default system prompt), for base models trained with `<|im_start|>`/`<|im_end|>` tokens.
-CHATML = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% endif %}" + _CHATML_TURN + "{% endfor %}" + _CHATML_GENERATION_PROMPT
 )
 
 # Zephyr-7b-beta's template (HuggingFaceH4/zephyr-7b-beta tokenizer_config.json); eos is the model's own `</s>`.
