@@ -1,0 +1,79 @@
+"""Atomic outputs, pair building, evaluation scoring and the report, on the tiny model where one is needed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from alignkit.evaluate import completion_logps, task_scores
+from alignkit.models import atomic_output
+from alignkit.pairs import build_pairs
+from alignkit.report import render
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "model"
+    with pytest.raises(RuntimeError):
+        with atomic_output(str(final)) as tmp:
+            open(os.path.join(tmp, "half.safetensors"), "w").write("x")
+            raise RuntimeError("killed mid-save")
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_output_replaces_previous_result(tmp_path):
+    final = tmp_path / "model"
+    for content in ("old", "new"):
+        with atomic_output(str(final)) as tmp:
+            open(os.path.join(tmp, "weights"), "w").write(content)
+    assert (final / "weights").read_text() == "new" and os.listdir(tmp_path) == ["model"]
+
+
+def test_build_pairs_drops_answers_that_agree_with_the_reference():
+    convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in (("Capital of France?", "Paris."), ("2+2?", "4."), ("Hot?", "Cold."))]
+    pairs, dropped = build_pairs(convs, ["The capital is Paris.", " 4 ", ""])
+    assert dropped == 2 and len(pairs) == 1
+    assert pairs[0] == {"prompt": [{"role": "user", "content": "Capital of France?"}],
+                        "chosen": [{"role": "assistant", "content": "Paris."}],
+                        "rejected": [{"role": "assistant", "content": "The capital is Paris."}]}
+
+
+def test_task_scores():
+    s = task_scores(["Paris.", "The capital is Tokyo.", "rome"], ["Paris.", "Tokyo.", "Madrid."])
+    assert s["task_agreement"] == pytest.approx(1 / 3) and s["task_contains"] == pytest.approx(2 / 3)
+    assert s["answer_words"] == pytest.approx(6 / 3)
+
+
+def test_completion_logps_match_a_manual_computation(tiny_model):
+    import torch
+
+    from alignkit.generation import load_for_inference
+
+    model, tok = load_for_inference(tiny_model)
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    completions = [[{"role": "assistant", "content": "Paris."}], [{"role": "assistant", "content": "No idea at all."}]]
+    got = completion_logps(model, tok, [prompt, prompt], completions, batch_size=2)  # padded batch
+    for value, completion in zip(got, completions):
+        p_ids = tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"]
+        f_ids = tok(tok.apply_chat_template(prompt + completion, tokenize=False),
+                    add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([f_ids])).logits[0]
+        logp = torch.log_softmax(logits, -1)
+        manual = sum(float(logp[i - 1, f_ids[i]]) for i in range(len(p_ids), len(f_ids)))
+        assert value == pytest.approx(manual, abs=1e-4)
+
+
+def test_report_renders_tables_and_differing_generations():
+    evaluation = {"base": {"task_agreement": 0.0, "pair_accuracy": 0.5},
+                  "dpo": {"task_agreement": 0.5, "pair_accuracy": 1.0, "reward_accuracy": 1.0}}
+    gens = [{"prompt": "Same?", "reference": "Yes.", "base": "Yes.", "dpo": "Yes."},
+            {"prompt": "Capital | of France?", "reference": "Paris.", "base": "The capital\nis Paris.", "dpo": "Paris."}]
+    text = render(evaluation, {"dpo": {"train_loss": 0.3, "eval_reward_accuracy": 1.0}}, gens, 5)
+    assert "| task agreement (greedy answer == reference) | 0.000 | 0.500 |" in text
+    assert "| held-out implicit-reward accuracy vs. base | – | 1.000 |" in text
+    assert "Capital \\| of France?" in text and "The capital is Paris." in text and "Same?" not in text
+    json.dumps(text)
