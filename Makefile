@@ -53,7 +53,7 @@ lock:
 	/tmp/alignkit-lock/bin/pip install -q -r requirements/cpu.txt
 	( echo "# Full CPU environment, exact versions (pip freeze of a working venv). Install: pip install -r requirements/cpu.lock"; \
 	  echo "# Regenerate after changing requirements/cpu.txt: make lock"; \
-	  /tmp/alignkit-lock/bin/pip freeze | sed 's/^torch==2.13.0+cpu/torch==2.13.0/' ) > requirements/cpu.lock
+	  /tmp/alignkit-lock/bin/pip freeze --all | grep -v '^pip==' | sed 's/^torch==2.13.0+cpu/torch==2.13.0/' ) > requirements/cpu.lock
 
 clean:
 	rm -rf build .pytest_cache

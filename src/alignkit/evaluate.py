@@ -122,7 +122,7 @@ def run(argv: list[str]) -> int:
             m["reward_accuracy"] = sum(x > 0 for x in margins) / len(margins)
             m["reward_margin"] = sum(margins) / len(margins)
         m["tokens_per_second"] = gen_stats["tokens_per_second"]
-        metrics[name] = {k: round(v, 4) for k, v in m.items()}
+        metrics[name] = {k: round(m[k], 4) for k in sorted(m)}
         answers_by_model[name] = answers
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -130,7 +130,7 @@ def run(argv: list[str]) -> int:
     # throughput varies run to run; keep it in the log, not in the versioned metrics
     print(json.dumps({k: v.pop("tokens_per_second") for k, v in metrics.items()}), file=sys.stderr)
     with open(args.out, "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
+        json.dump(metrics, f, indent=2)  # models in pipeline order: base, then the adapters as given
     rows = [{"prompt": p[-1]["content"], "reference": r, **{n: answers_by_model[n][i] for n in answers_by_model}}
             for i, (p, r) in enumerate(zip(prompts, references))]
     write_jsonl(rows, args.generations)

@@ -44,7 +44,9 @@ def load_tokenizer(recipe):
     if template is not None:
         tokenizer.chat_template = template
     if not tokenizer.chat_template:
-        raise ValueError(
+        from .config import RecipeError
+
+        raise RecipeError(
             f"{model_args.model_name_or_path} has no chat template and the recipe sets none; "
             "set chat_template: (e.g. zephyr or chatml)"
         )

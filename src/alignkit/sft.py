@@ -8,6 +8,7 @@ QLoRA) → TRL SFTTrainer → train → held-out loss → save (atomic) + metric
 
 from __future__ import annotations
 
+from .config import RecipeError
 from .stage import finish, parse_stage_args, run_cli, train_and_evaluate
 
 
@@ -49,7 +50,7 @@ def train(argv: list[str]) -> dict:
     # 3. Tokenizer and model.
     tokenizer = load_tokenizer(recipe)
     if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
-        raise ValueError(
+        raise RecipeError(
             f"{recipe.model.model_name_or_path}'s chat template has no {{% generation %}} markers, which "
             "assistant_only_loss needs; set chat_template: (smollm2, chatml, zephyr) in the recipe"
         )
