@@ -69,6 +69,7 @@ def test_sft_defaults_to_assistant_only_loss(tmp_path):
     ({"load_in_4bit": True}, "QLoRA .* needs use_peft"),
     ({"load_in_4bit": True, "load_in_8bit": True, "use_peft": True}, "8 bit and 4 bit"),
     ({"loss_type": ["sigmoid", "nonsense"]}, r"loss_type: unknown \['nonsense'\]"),
+    ({"loss_type": ["exo_pair"]}, "exo_pair needs label_smoothing > 0"),
     ({"chat_template": "vicuna"}, "unknown template name 'vicuna'"),
     ({"adapter_path": "x", "use_peft": True}, "do not also set use_peft"),
     ({"datasets": []}, "at least one training source"),

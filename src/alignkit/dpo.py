@@ -39,6 +39,8 @@ def stage_check(recipe, fail) -> None:
     unknown = [t for t in args.loss_type if t not in LOSS_TYPES]
     if unknown:
         fail(f"loss_type: unknown {unknown}; valid: {', '.join(LOSS_TYPES)}")
+    if "exo_pair" in args.loss_type and not args.label_smoothing > 0:
+        fail("loss_type exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
     if args.use_liger_kernel and args.precompute_ref_log_probs:
         fail("use_liger_kernel cannot be combined with precompute_ref_log_probs (TRL's Liger DPO loss "
              "computes the reference itself)")
