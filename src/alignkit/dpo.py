@@ -13,7 +13,7 @@ starting from an SFT adapter, TRL keeps a frozen copy of that adapter as the ref
 
 from __future__ import annotations
 
-from .stage import finish, parse_stage_args, run_cli, train_and_evaluate
+from .stage import finish, load_inputs, make_trainer, parse_stage_args, run_cli, train_and_evaluate
 
 # Every loss TRL 1.16's DPOTrainer implements (DPOConfig.loss_type; several can be combined with loss_weights).
 LOSS_TYPES = (
@@ -49,29 +49,17 @@ def stage_check(recipe, fail) -> None:
 def train(argv: list[str]) -> dict:
     from trl import DPOTrainer
 
-    from .data import PREFERENCE, load_splits
-    from .models import load_model, load_tokenizer, lora_config
+    from .data import PREFERENCE
 
     # 1. Recipe.
     recipe = parse_stage_args(argv, config_class(), stage_check=stage_check, stage_defaults=STAGE_DEFAULTS)
-    args = recipe.train
 
-    # 2. Data: every source normalised to conversational prompt/chosen/rejected.
-    train_ds, eval_ds, data_report = load_splits(recipe.data, PREFERENCE, seed=args.seed)
-
-    # 3. Tokenizer and policy. A new LoRA adapter (use_peft) or the SFT stage's adapter (adapter_path).
-    tokenizer = load_tokenizer(recipe)
-    model = load_model(recipe, tokenizer)
+    # 2-3. Data (normalised prompt/chosen/rejected), tokenizer, policy: a new LoRA adapter (use_peft), the SFT
+    # stage's adapter (adapter_path), or full weights.
+    train_ds, eval_ds, data_report, tokenizer, model = load_inputs(recipe, PREFERENCE)
 
     # 4. Trainer. No ref_model: TRL derives the reference from the policy (see module docstring).
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(recipe.model),
-    )
+    trainer = make_trainer(DPOTrainer, recipe, model, tokenizer, train_ds, eval_ds)
 
     # 5. Train; held-out reward accuracy and margin (implicit rewards vs. the reference).
     metrics, ev = train_and_evaluate(trainer, data_report)

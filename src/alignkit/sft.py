@@ -9,7 +9,7 @@ QLoRA) → TRL SFTTrainer → train → held-out loss → save (atomic) + metric
 from __future__ import annotations
 
 from .config import RecipeError
-from .stage import finish, parse_stage_args, run_cli, train_and_evaluate
+from .stage import finish, load_inputs, make_trainer, parse_stage_args, run_cli, train_and_evaluate
 
 
 # SFT trains on the assistant's tokens only unless the recipe says otherwise.
@@ -33,38 +33,30 @@ def stage_check(recipe, fail) -> None:
              "use a named one (smollm2, chatml, zephyr) or set assistant_only_loss: false")
 
 
-def train(argv: list[str]) -> dict:
-    from trl import SFTTrainer
+def check_tokenizer(recipe, tokenizer) -> None:
     from trl.chat_template_utils import has_generation_markers
 
-    from .data import CONVERSATION, load_splits
-    from .models import load_model, load_tokenizer, lora_config
-
-    # 1. Recipe.
-    recipe = parse_stage_args(argv, config_class(), stage_check=stage_check, stage_defaults=STAGE_DEFAULTS)
-    args = recipe.train
-
-    # 2. Data: every source normalised to {"messages": [...]}, bad rows named by file and row.
-    train_ds, eval_ds, data_report = load_splits(recipe.data, CONVERSATION, seed=args.seed)
-
-    # 3. Tokenizer and model.
-    tokenizer = load_tokenizer(recipe)
-    if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+    if recipe.train.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
         raise RecipeError(
             f"{recipe.model.model_name_or_path}'s chat template has no {{% generation %}} markers, which "
             "assistant_only_loss needs; set chat_template: (smollm2, chatml, zephyr) in the recipe"
         )
-    model = load_model(recipe, tokenizer)
+
+
+def train(argv: list[str]) -> dict:
+    from trl import SFTTrainer
+
+    from .data import CONVERSATION
+
+    # 1. Recipe.
+    recipe = parse_stage_args(argv, config_class(), stage_check=stage_check, stage_defaults=STAGE_DEFAULTS)
+
+    # 2-3. Data (every source normalised to {"messages": [...]}), tokenizer + chat template, model.
+    train_ds, eval_ds, data_report, tokenizer, model = load_inputs(recipe, CONVERSATION,
+                                                                   check_tokenizer=check_tokenizer)
 
     # 4. Trainer.
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(recipe.model),
-    )
+    trainer = make_trainer(SFTTrainer, recipe, model, tokenizer, train_ds, eval_ds)
 
     # 5. Train; held-out loss.
     metrics, _ = train_and_evaluate(trainer, data_report)

@@ -66,6 +66,34 @@ def write_log_csv(log_history: list[dict], path: str) -> None:
             writer.writerow({k: row.get(k, "") for k in columns})
 
 
+def load_inputs(recipe: Recipe, kind: str, *, auto_class=None, check_tokenizer=None):
+    """(train, eval, data report, tokenizer, model) for a stage — cheapest first, so that a bad row or a
+    missing chat template fails before any weights are loaded."""
+    from .data import load_splits
+    from .models import load_model, load_tokenizer
+
+    train_ds, eval_ds, report = load_splits(recipe.data, kind, seed=recipe.train.seed)
+    tokenizer = load_tokenizer(recipe)
+    if check_tokenizer is not None:
+        check_tokenizer(recipe, tokenizer)
+    model = load_model(recipe, tokenizer, auto_class=auto_class)
+    return train_ds, eval_ds, report, tokenizer, model
+
+
+def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_ds, *, lora_task_type="CAUSAL_LM"):
+    """A TRL trainer the way every stage builds one: the recipe's args, a new LoRA adapter if `use_peft`."""
+    from .models import lora_config
+
+    return trainer_cls(
+        model=model,
+        args=recipe.train,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe.model, lora_task_type),
+    )
+
+
 def train_and_evaluate(trainer, data_report) -> tuple[dict, dict]:
     """Train, then evaluate on the held-out split. Returns (the metrics every stage reports, raw eval metrics)."""
     start = time.time()
