@@ -103,7 +103,7 @@ def tiny_recipe(tmp_path, model: str, data: dict, stage: str, **overrides) -> st
     """Write a recipe YAML for the tiny model and return its path."""
     import yaml
 
-    kind = "sft" if stage == "sft" else "pref"
+    kind = {"sft": "sft", "cpt": "text"}.get(stage, "pref")
     recipe = {
         "model_name_or_path": model,
         "datasets": [{"path": data[f"{kind}_train"]}],
@@ -119,10 +119,9 @@ def tiny_recipe(tmp_path, model: str, data: dict, stage: str, **overrides) -> st
         "lora_alpha": 8,
         "dataset_num_proc": None,
     }
+    recipe.update(max_length=64)
     if stage == "dpo":
-        recipe.update(beta=0.1, max_length=64)
-    else:
-        recipe.update(max_length=64)
+        recipe.update(beta=0.1)
     recipe.update(overrides)
     path = tmp_path / f"{stage}.yaml"
     path.write_text(yaml.safe_dump(recipe))

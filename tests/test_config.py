@@ -24,8 +24,9 @@ def write(tmp_path, **keys) -> str:
 
 
 def load(path, argv=(), stage=dpo, **kw):
-    return load_recipe(path, list(argv), stage.config_class(), stage_check=stage.stage_check,
-                       stage_defaults=stage.STAGE_DEFAULTS, **kw)
+    spec = stage.SPEC
+    return load_recipe(path, list(argv), spec.config_class(), stage_check=spec.check, stage_defaults=spec.defaults,
+                       **kw)
 
 
 def test_unknown_key_names_nearest_valid(tmp_path):
@@ -81,7 +82,7 @@ def test_contradictory_recipes_are_refused(tmp_path, keys, message):
 
 
 def test_fp16_refused_for_dpo_with_reason(tmp_path):
-    with pytest.raises(RecipeError, match="fp16 is refused for DPO"):
+    with pytest.raises(RecipeError, match="fp16 is refused for DPO: the loss is a difference"):
         load(write(tmp_path, fp16=True, bf16=False), for_check=True)
 
 

@@ -18,11 +18,8 @@ def make_trainer(stage, tmp_path, tiny_model, tiny_data, rows):
     import datasets
 
     from alignkit.models import load_model, load_tokenizer, lora_config
-    from alignkit.stage import parse_stage_args
-
     module = __import__(f"alignkit.{stage}", fromlist=["x"])
-    recipe = parse_stage_args(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, stage, max_length=None)],
-                              module.config_class(), module.stage_check, module.STAGE_DEFAULTS)
+    recipe = module.SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, stage, max_length=None)])
     tok = load_tokenizer(recipe)
     model = load_model(recipe, tok)
     from trl import DPOTrainer, SFTTrainer

@@ -45,11 +45,8 @@ def test_qlora_model_is_really_4bit(tmp_path, tiny_model, tiny_data):
 
     from alignkit import sft
     from alignkit.models import load_model, load_tokenizer
-    from alignkit.stage import parse_stage_args
-
-    recipe = parse_stage_args(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", load_in_4bit=True,
-                                                       use_bnb_nested_quant=True)],
-                              sft.config_class(), sft.stage_check, sft.STAGE_DEFAULTS)
+    recipe = sft.SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", load_in_4bit=True,
+                                                     use_bnb_nested_quant=True)])
     model = load_model(recipe, load_tokenizer(recipe))
     linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linear4 and all(m.weight.quant_type == "nf4" for m in linear4)

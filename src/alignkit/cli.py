@@ -7,7 +7,7 @@ import os
 import sys
 
 # Training stages: recipe-driven (`--config recipes/<name>/<stage>.yaml`).
-STAGES = {"sft": "alignkit.sft", "dpo": "alignkit.dpo"}
+STAGES = {name: f"alignkit.{name}" for name in ("cpt", "sft", "dpo", "orpo", "cpo", "kto", "reward")}
 # Pipeline tools with their own flags.
 TOOLS = {
     "base-model": "alignkit.base_model",
@@ -38,7 +38,7 @@ def stage_of(path: str) -> str | None:
 
 def check(argv: list[str]) -> int:
     """Validate recipes: parse, resolve every key, cross-field checks. Nothing is loaded or trained."""
-    from .config import RecipeError, load_recipe
+    from .config import RecipeError
 
     stage_override = None
     if "--stage" in argv:
@@ -56,8 +56,7 @@ def check(argv: list[str]) -> int:
             continue
         module = importlib.import_module(STAGES[stage])
         try:
-            recipe = load_recipe(path, [], module.config_class(), stage_check=module.stage_check,
-                                 stage_defaults=module.STAGE_DEFAULTS, for_check=True)
+            recipe = module.SPEC.parse(["--config", path], for_check=True)
         except RecipeError as e:
             print(f"FAIL {path}: {e}")
             failed += 1

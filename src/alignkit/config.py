@@ -73,6 +73,9 @@ class AlignkitArguments:
     requires_gpu: bool = field(
         default=False, metadata={"help": "Refuse to run (before loading anything) on a machine without a CUDA GPU."}
     )
+    cache_dir: str = field(
+        default="build/cache", metadata={"help": "Where tokenised, packed data is cached between runs (CPT)."}
+    )
     metrics_dir: str | None = field(
         default=None,
         metadata={

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
-CONVERSATION, PREFERENCE = "conversation", "preference"
+CONVERSATION, PREFERENCE, TEXT, UNPAIRED = "conversation", "preference", "text", "unpaired"
+# What each kind of dataset (as a stage asks for it) accepts, and how errors describe it.
+ACCEPTS = {CONVERSATION: {CONVERSATION}, PREFERENCE: {PREFERENCE}, TEXT: {TEXT}, UNPAIRED: {UNPAIRED, PREFERENCE}}
+KIND_NAMES = {
+    CONVERSATION: "a conversation (SFT) dataset (messages or prompt/completion) is expected",
+    PREFERENCE: "a preference dataset (prompt/chosen/rejected) is expected",
+    TEXT: "a raw-text dataset (a 'text' column) is expected",
+    UNPAIRED: "an unpaired (prompt/completion/label) or paired preference dataset is expected",
+}
 ROLES = ("system", "user", "assistant")
 SOURCE_KEYS = {"path", "name", "split", "data_files", "data_dir", "fraction", "revision"}
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -234,66 +242,84 @@ def detect_format(row: dict) -> str:
     if "messages" in keys:
         return "messages"
     if "prompt" in keys and "completion" in keys:
-        return "prompt_completion"
+        return "prompt_completion_label" if "label" in keys else "prompt_completion"
+    if "text" in keys:
+        return "text"
     raise DataError(
-        f"unrecognised row with fields {sorted(keys)}; expected messages | prompt+completion | "
-        "prompt+chosen+rejected | chosen+rejected"
+        f"unrecognised row with fields {sorted(keys)}; expected messages | prompt+completion(+label) | "
+        "prompt+chosen+rejected | chosen+rejected | text"
     )
 
 
-def normalize_row(row: dict, fmt: str, kind: str) -> dict:
-    if not isinstance(row, dict):
-        raise _RowError("(row)", f"expected a JSON object, got {type(row).__name__}")
+def normalize_row(row: dict, fmt: str) -> tuple[str, dict, str]:
+    """(shape, normalised row, its main field) — shape is one of CONVERSATION, PREFERENCE, TEXT, UNPAIRED."""
     need = {
         "messages": ["messages"],
         "prompt_completion": ["prompt", "completion"],
+        "prompt_completion_label": ["prompt", "completion", "label"],
         "prompt_chosen_rejected": ["prompt", "chosen", "rejected"],
         "hh_rlhf": ["chosen", "rejected"],
         "chosen_rejected_conversations": ["chosen", "rejected"],
+        "text": ["text"],
     }[fmt]
     for key in need:
         if key not in row or row[key] is None:
             raise _RowError(key, "missing field")
 
+    if fmt == "text":
+        return TEXT, {"text": _text(row["text"], "text")}, "text"
     if fmt == "messages":
         messages = _messages(row["messages"], "messages")
-    elif fmt == "prompt_completion":
-        messages = _as_user_turns(row["prompt"], "prompt") + _as_assistant_turns(row["completion"], "completion")
-    else:
-        if fmt == "prompt_chosen_rejected":
-            prompt = _as_user_turns(row["prompt"], "prompt")
-            chosen = _as_assistant_turns(row["chosen"], "chosen")
-            rejected = _as_assistant_turns(row["rejected"], "rejected")
-            if chosen and chosen[0]["role"] != "assistant":  # UltraFeedback-binarized: lists repeat the prompt
-                prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
-        elif fmt == "hh_rlhf":
-            prompt, chosen, rejected = _split_shared_prompt(
-                _parse_hh(row["chosen"], "chosen"), _parse_hh(row["rejected"], "rejected")
-            )
-        else:
-            prompt, chosen, rejected = _split_shared_prompt(
-                _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
-            )
-        _check_turn_order(prompt, "prompt", ends_with="user")
-        for name, reply in (("chosen", chosen), ("rejected", rejected)):
-            if len(reply) != 1 or reply[0]["role"] != "assistant":
-                raise _RowError(name, "expected exactly one assistant reply after the prompt")
-        if chosen[0]["content"].strip() == rejected[0]["content"].strip():
-            raise _RowError("rejected", "identical to chosen")
-        if kind == CONVERSATION:
-            raise _RowError("chosen", "a preference row where a conversation (SFT) dataset is expected")
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        _check_turn_order(messages, "messages", ends_with="assistant")
+        return CONVERSATION, {"messages": messages}, "messages"
+    if fmt in ("prompt_completion", "prompt_completion_label"):
+        prompt = _as_user_turns(row["prompt"], "prompt")
+        completion = _as_assistant_turns(row["completion"], "completion")
+        _check_turn_order(prompt + completion, "prompt", ends_with="assistant")
+        if len(completion) != 1:
+            raise _RowError("completion", "expected exactly one assistant reply")
+        if fmt == "prompt_completion":
+            return CONVERSATION, {"messages": prompt + completion}, "completion"
+        if not isinstance(row["label"], bool):
+            raise _RowError("label", f"expected true or false, got {type(row['label']).__name__}")
+        return UNPAIRED, {"prompt": prompt, "completion": completion, "label": row["label"]}, "label"
 
-    if kind == PREFERENCE:
-        raise _RowError("messages" if fmt == "messages" else "completion",
-                        "a conversation row where a preference dataset (chosen/rejected) is expected")
-    _check_turn_order(messages, "messages" if fmt == "messages" else "prompt", ends_with="assistant")
-    return {"messages": messages}
+    if fmt == "prompt_chosen_rejected":
+        prompt = _as_user_turns(row["prompt"], "prompt")
+        chosen = _as_assistant_turns(row["chosen"], "chosen")
+        rejected = _as_assistant_turns(row["rejected"], "rejected")
+        if chosen and chosen[0]["role"] != "assistant":  # UltraFeedback-binarized: lists repeat the prompt
+            prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
+    elif fmt == "hh_rlhf":
+        prompt, chosen, rejected = _split_shared_prompt(
+            _parse_hh(row["chosen"], "chosen"), _parse_hh(row["rejected"], "rejected")
+        )
+    else:
+        prompt, chosen, rejected = _split_shared_prompt(
+            _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+        )
+    _check_turn_order(prompt, "prompt", ends_with="user")
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if len(reply) != 1 or reply[0]["role"] != "assistant":
+            raise _RowError(name, "expected exactly one assistant reply after the prompt")
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        raise _RowError("rejected", "identical to chosen")
+    return PREFERENCE, {"prompt": prompt, "chosen": chosen, "rejected": rejected}, "chosen"
+
+
+def fit_to_kind(shape: str, row: dict, field_name: str, kind: str) -> list[dict]:
+    """The rows a stage of `kind` trains on; a paired preference becomes two unpaired rows (KTO)."""
+    if shape not in ACCEPTS[kind]:
+        raise _RowError(field_name, f"a {shape} row where {KIND_NAMES[kind]}")
+    if kind == UNPAIRED and shape == PREFERENCE:
+        return [{"prompt": row["prompt"], "completion": row["chosen"], "label": True},
+                {"prompt": row["prompt"], "completion": row["rejected"], "label": False}]
+    return [row]
 
 
 def normalize_rows(label: str, rows: list, kind: str, drop_invalid: bool) -> tuple[list[dict], LoadReport]:
     report = LoadReport(rows_read=len(rows))
-    out, fmt = [], None
+    out, fmt, kept = [], None, 0
     for i, row in enumerate(rows, 1):
         try:
             if not isinstance(row, dict):
@@ -303,14 +329,15 @@ def normalize_rows(label: str, rows: list, kind: str, drop_invalid: bool) -> tup
                     fmt = detect_format(row)
                 except DataError as e:
                     raise DataError(f"{label}: row {i}: {e}") from None
-            out.append(normalize_row(row, fmt, kind))
+            out.extend(fit_to_kind(*normalize_row(row, fmt), kind))
+            kept += 1
         except _RowError as e:
             if not drop_invalid:
                 raise DataError(f"{label}: row {i}: field '{e.field}': {e.reason}") from None
             reason = e.reason.split(":")[0]
             report.dropped[reason] = report.dropped.get(reason, 0) + 1
             logger.warning("dropping %s row %d: field '%s': %s", label, i, e.field, e.reason)
-    report.rows_kept = len(out)
+    report.rows_kept = kept  # source rows; a KTO stage trains on two unpaired rows per kept pair
     if not out:
         raise DataError(f"{label}: no valid rows (read {len(rows)}, dropped {sum(report.dropped.values())})")
     if report.dropped:

@@ -30,7 +30,7 @@ def trust_remote_code(recipe) -> bool:
     return bool(getattr(recipe.train, "trust_remote_code", False))
 
 
-def load_tokenizer(recipe):
+def load_tokenizer(recipe, *, require_chat_template: bool = True):
     from transformers import AutoTokenizer
 
     from .templates import resolve_chat_template
@@ -43,7 +43,7 @@ def load_tokenizer(recipe):
     template = resolve_chat_template(extras.chat_template)
     if template is not None:
         tokenizer.chat_template = template
-    if not tokenizer.chat_template:
+    if require_chat_template and not tokenizer.chat_template:
         from .config import RecipeError
 
         raise RecipeError(
@@ -104,7 +104,7 @@ def lora_config(model_args, task_type: str = "CAUSAL_LM"):
     )
 
 
-def load_model(recipe, tokenizer, *, auto_class=None):
+def load_model(recipe, tokenizer, *, auto_class=None, **model_kwargs):
     """Load the base model (and the starting adapter, if any) ready for a TRL trainer."""
     from transformers import AutoModelForCausalLM
 
@@ -121,6 +121,7 @@ def load_model(recipe, tokenizer, *, auto_class=None):
         dtype=torch_dtype(model_args, train_args),
         attn_implementation=model_args.attn_implementation or "sdpa",
         **kwargs,
+        **model_kwargs,
     )
     if "gguf_file" in kwargs:
         _drop_gguf_quantizer(model)

@@ -1,28 +1,20 @@
-"""SFT stage: supervised fine-tuning on conversations, loss on assistant tokens only.
+"""SFT stage: supervised fine-tuning on conversations, loss on the assistant's tokens only (TRL's SFTTrainer).
 
     python -m alignkit.sft --config recipes/smol/sft.yaml [--key value ...]
 
-recipe → data (normalised conversations, held-out split) → tokenizer + chat template → model (full / LoRA /
-QLoRA) → TRL SFTTrainer → train → held-out loss → save (atomic) + metrics.json + train_log.csv + config.yaml.
+Data: conversations (`messages`, or `prompt`/`completion`). `assistant_only_loss` is on unless the recipe
+turns it off; it needs a chat template with `{% generation %}` markers (the named ones have them).
+`packing: true` packs conversations into `max_length` blocks.
 """
 
 from __future__ import annotations
 
 from .config import RecipeError
-from .stage import finish, load_inputs, make_trainer, parse_stage_args, run_cli, train_and_evaluate
+from .data import CONVERSATION
+from .stage import StageSpec
 
 
-# SFT trains on the assistant's tokens only unless the recipe says otherwise.
-STAGE_DEFAULTS = {"assistant_only_loss": True}
-
-
-def config_class():
-    from trl import SFTConfig
-
-    return SFTConfig
-
-
-def stage_check(recipe, fail) -> None:
+def check(recipe, fail) -> None:
     from trl.chat_template_utils import has_generation_markers
 
     from .templates import resolve_chat_template
@@ -43,31 +35,16 @@ def check_tokenizer(recipe, tokenizer) -> None:
         )
 
 
-def train(argv: list[str]) -> dict:
-    from trl import SFTTrainer
-
-    from .data import CONVERSATION
-
-    # 1. Recipe.
-    recipe = parse_stage_args(argv, config_class(), stage_check=stage_check, stage_defaults=STAGE_DEFAULTS)
-
-    # 2-3. Data (every source normalised to {"messages": [...]}), tokenizer + chat template, model.
-    train_ds, eval_ds, data_report, tokenizer, model = load_inputs(recipe, CONVERSATION,
-                                                                   check_tokenizer=check_tokenizer)
-
-    # 4. Trainer.
-    trainer = make_trainer(SFTTrainer, recipe, model, tokenizer, train_ds, eval_ds)
-
-    # 5. Train; held-out loss.
-    metrics, _ = train_and_evaluate(trainer, data_report)
-
-    # 6. Save.
-    return finish("sft", recipe, trainer, tokenizer, metrics)
-
-
-def main(argv=None) -> int:
-    return run_cli("sft", lambda a: (train(a), 0)[1], argv)
-
+SPEC = StageSpec(
+    name="sft",
+    config="trl:SFTConfig",
+    trainer="trl:SFTTrainer",
+    data_kind=CONVERSATION,
+    check=check,
+    defaults={"assistant_only_loss": True},
+    check_tokenizer=check_tokenizer,
+)
+train, main = SPEC.train, SPEC.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

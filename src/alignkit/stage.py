@@ -1,17 +1,27 @@
-"""What every training stage shares: argv → recipe, clean errors, and the outputs a stage leaves behind.
+"""What every training stage shares, once: the story recipe → data → model → trainer → train → save.
 
-A stage module (sft.py, dpo.py, ...) reads top to bottom: recipe → data → model → trainer → train → save.
-Only the pieces that would otherwise be written twice live here.
+A stage module (sft.py, dpo.py, orpo.py, ...) declares a `StageSpec` — its TRL config and trainer, the kind of
+data it takes, its own recipe checks and metrics — and `StageSpec.train` runs the story below:
+
+  1. recipe      YAML + CLI overrides → TRL dataclasses, unknown keys and contradictions refused
+  2. data        every source normalised and validated (file, row, field), mixed, held-out split
+  3. model       tokenizer + chat template, then full / LoRA / QLoRA weights (or a starting adapter)
+  4. trainer     the TRL trainer with the recipe's arguments
+  5. train       then evaluate on the held-out split
+  6. save        atomically: weights (safetensors), metrics.json, train_log.csv, config.yaml
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import yaml
 
@@ -40,15 +50,62 @@ def run_cli(stage: str, body, argv) -> int:
         return 2
 
 
-def parse_stage_args(argv: list[str], trainer_config_cls, stage_check=None, stage_defaults=None) -> Recipe:
-    config_path, rest = split_config_arg(argv)
-    recipe = load_recipe(
-        config_path, rest, trainer_config_cls, stage_check=stage_check, stage_defaults=stage_defaults
-    )
-    from transformers import set_seed
+def import_object(path: str):
+    """'package.module:Name' → the object (TRL's experimental trainers are imported only when used)."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
-    set_seed(recipe.train.seed)
-    return recipe
+
+@dataclass
+class StageSpec:
+    name: str
+    config: str  # "module:ConfigClass"
+    trainer: str  # "module:TrainerClass"
+    data_kind: str  # alignkit.data.CONVERSATION / PREFERENCE / UNPAIRED / TEXT
+    check: Callable | None = None  # check(recipe, fail): the stage's cross-field rules
+    fp16_refused: str | None = None  # why this stage refuses fp16 (preference losses on log-prob differences)
+    defaults: dict = field(default_factory=dict)  # the stage's defaults for keys a recipe leaves unset
+    check_tokenizer: Callable | None = None  # check_tokenizer(recipe, tokenizer), before weights load
+    auto_class: str | None = None  # "transformers:AutoModelFor..."; default causal LM
+    model_kwargs: dict = field(default_factory=dict)  # extra from_pretrained arguments (num_labels=1 ...)
+    lora_task_type: str = "CAUSAL_LM"
+    metrics: Callable[[dict], dict] | None = None  # extra metrics from the held-out evaluation
+
+    def config_class(self):
+        return import_object(self.config)
+
+    def parse(self, argv: list[str], *, for_check: bool = False) -> Recipe:
+        config_path, rest = split_config_arg(argv)
+        recipe = load_recipe(config_path, rest, self.config_class(), stage_check=self._check,
+                             stage_defaults=self.defaults, for_check=for_check)
+        if not for_check:
+            from transformers import set_seed
+
+            set_seed(recipe.train.seed)
+        return recipe
+
+    def _check(self, recipe: Recipe, fail) -> None:
+        if self.fp16_refused and recipe.asks("fp16"):
+            fail(f"fp16 is refused for {self.name.upper()}: {self.fp16_refused}; use bf16 (GPU) or fp32")
+        if self.check is not None:
+            self.check(recipe, fail)
+
+    def train(self, argv: list[str]) -> dict:
+        recipe = self.parse(argv)  # 1
+        auto_class = import_object(self.auto_class) if self.auto_class else None
+        train_ds, eval_ds, data_report, tokenizer, model = load_inputs(  # 2, 3
+            recipe, self.data_kind, auto_class=auto_class, check_tokenizer=self.check_tokenizer,
+            model_kwargs=self.model_kwargs,
+        )
+        trainer = make_trainer(import_object(self.trainer), recipe, model, tokenizer, train_ds, eval_ds,  # 4
+                               lora_task_type=self.lora_task_type)
+        metrics, evaluation = train_and_evaluate(trainer, data_report)  # 5
+        if self.metrics is not None:
+            metrics.update(self.metrics(evaluation))
+        return finish(self.name, recipe, trainer, tokenizer, metrics)  # 6
+
+    def main(self, argv=None) -> int:
+        return run_cli(self.name, lambda a: (self.train(a), 0)[1], argv)
 
 
 def log_rows(log_history: list[dict]) -> list[dict]:
@@ -66,7 +123,7 @@ def write_log_csv(log_history: list[dict], path: str) -> None:
             writer.writerow({k: row.get(k, "") for k in columns})
 
 
-def load_inputs(recipe: Recipe, kind: str, *, auto_class=None, check_tokenizer=None):
+def load_inputs(recipe: Recipe, kind: str, *, auto_class=None, check_tokenizer=None, model_kwargs=None):
     """(train, eval, data report, tokenizer, model) for a stage — cheapest first, so that a bad row or a
     missing chat template fails before any weights are loaded."""
     from .data import load_splits
@@ -76,7 +133,7 @@ def load_inputs(recipe: Recipe, kind: str, *, auto_class=None, check_tokenizer=N
     tokenizer = load_tokenizer(recipe)
     if check_tokenizer is not None:
         check_tokenizer(recipe, tokenizer)
-    model = load_model(recipe, tokenizer, auto_class=auto_class)
+    model = load_model(recipe, tokenizer, auto_class=auto_class, **(model_kwargs or {}))
     return train_ds, eval_ds, report, tokenizer, model
 
 
@@ -110,6 +167,13 @@ def train_and_evaluate(trainer, data_report) -> tuple[dict, dict]:
         **data_report.as_metrics("data"),
     }
     return metrics, evaluation
+
+
+def reward_metrics(evaluation: dict) -> dict:
+    """Held-out implicit-reward metrics of the preference trainers (DPO, ORPO, CPO/SimPO, KTO), where logged."""
+    names = {"accuracy": "accuracies", "margin": "margins", "chosen": "chosen", "rejected": "rejected"}
+    return {f"eval_reward_{ours}": evaluation[f"eval_rewards/{theirs}"]
+            for ours, theirs in names.items() if f"eval_rewards/{theirs}" in evaluation}
 
 
 def round_floats(d: dict, digits: int = 6) -> dict:
