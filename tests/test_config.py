@@ -25,7 +25,7 @@ def write(tmp_path, **keys) -> str:
 
 def load(path, argv=(), stage=dpo, **kw):
     spec = stage.SPEC
-    return load_recipe(path, list(argv), spec.config_class(), stage_check=spec.check, stage_defaults=spec.defaults,
+    return load_recipe(path, list(argv), spec.config_class(), stage_check=spec.stage_check, stage_defaults=spec.defaults,
                        **kw)
 
 

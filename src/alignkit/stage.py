@@ -76,7 +76,7 @@ class StageSpec:
 
     def parse(self, argv: list[str], *, for_check: bool = False) -> Recipe:
         config_path, rest = split_config_arg(argv)
-        recipe = load_recipe(config_path, rest, self.config_class(), stage_check=self._check,
+        recipe = load_recipe(config_path, rest, self.config_class(), stage_check=self.stage_check,
                              stage_defaults=self.defaults, for_check=for_check)
         if not for_check:
             from transformers import set_seed
@@ -84,7 +84,8 @@ class StageSpec:
             set_seed(recipe.train.seed)
         return recipe
 
-    def _check(self, recipe: Recipe, fail) -> None:
+    def stage_check(self, recipe: Recipe, fail) -> None:
+        """The fp16 refusal and the stage's own check; what `alignkit check` and every run apply."""
         if self.fp16_refused and recipe.asks("fp16"):
             fail(f"fp16 is refused for {self.name.upper()}: {self.fp16_refused}; use bf16 (GPU) or fp32")
         if self.check is not None:
