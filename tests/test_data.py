@@ -35,6 +35,7 @@ GOLDEN_PREF = {"prompt": [U("Hi?")], "chosen": [A("Hello.")], "rejected": [A("Go
     ({"chosen": [U("Hi?"), A("Hello.")], "rejected": [U("Hi?"), A("Go away.")]}, PREFERENCE, GOLDEN_PREF),
 ])
 def test_formats_normalise_to_golden_rows(row, kind, golden):
+    """Each recognised input format, and the rows the stage of that kind trains on."""
     rows, report = normalize_rows("x.jsonl", [row], kind, drop_invalid=False)
     assert rows == [golden]
     assert report.rows_read == report.rows_kept == 1
@@ -121,3 +122,23 @@ def test_weighted_mixture_and_seeded_split(tmp_path):
     assert list(test2) == list(test) and list(train2) == list(train)
     _, test3, _ = load_splits(args, CONVERSATION, seed=4)
     assert list(test3) != list(test)
+
+
+def test_text_and_unpaired_kinds(tmp_path):
+    from alignkit.data import TEXT, UNPAIRED
+
+    rows, _ = normalize_rows("t", [{"text": "Hallo wereld.", "url": "x"}], TEXT, drop_invalid=False)
+    assert rows == [{"text": "Hallo wereld."}]
+    unpaired = {"prompt": "Hi?", "completion": "Hello.", "label": True}
+    rows, _ = normalize_rows("u", [unpaired], UNPAIRED, drop_invalid=False)
+    assert rows == [{"prompt": [U("Hi?")], "completion": [A("Hello.")], "label": True}]
+    rows, report = normalize_rows("p", [GOOD_PREF], UNPAIRED, drop_invalid=False)  # a pair becomes two rows
+    assert rows == [{"prompt": [U("Hi?")], "completion": [A("Hello.")], "label": True},
+                    {"prompt": [U("Hi?")], "completion": [A("Go away.")], "label": False}]
+    assert report.rows_kept == 1
+    with pytest.raises(DataError, match="row 1: field 'label': expected true or false, got str"):
+        normalize_rows("u", [{**unpaired, "label": "yes"}], UNPAIRED, drop_invalid=False)
+    with pytest.raises(DataError, match="row 1: field 'messages': a conversation row where a raw-text dataset"):
+        normalize_rows("c", [GOOD_CONV], TEXT, drop_invalid=False)
+    with pytest.raises(DataError, match="row 1: field 'text': empty text"):
+        normalize_rows("t", [{"text": " "}], TEXT, drop_invalid=False)

@@ -12,6 +12,7 @@ STAGES = {name: f"alignkit.{name}" for name in ("cpt", "sft", "dpo", "orpo", "cp
 TOOLS = {
     "base-model": "alignkit.base_model",
     "pairs": "alignkit.pairs",
+    "rejection-sampling": "alignkit.rejection_sampling",
     "evaluate": "alignkit.evaluate",
     "report": "alignkit.report",
 }
