@@ -32,11 +32,14 @@ def _one_line(text: str, limit: int = 90) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: int) -> str:
+DEFAULT_INTRO = ("SmolLM2-135M-Instruct → SFT (LoRA) → DPO (LoRA), evaluated on held-out questions the model never "
+                 "trained on. Produced by `dvc repro`; numbers are deterministic on CPU.")
+
+
+def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: int,
+           title: str = "smol pipeline report", intro: str = DEFAULT_INTRO) -> str:
     models = list(evaluation)
-    lines = ["# smol pipeline report", "",
-             "SmolLM2-135M-Instruct → SFT (LoRA) → DPO (LoRA), evaluated on held-out questions the model never "
-             "trained on. Produced by `dvc repro`; numbers are deterministic on CPU.", "",
+    lines = [f"# {title}", "", intro, "",
              "## Evaluation", "", "| metric | " + " | ".join(models) + " |",
              "|---|" + "---|" * len(models)]
     for key, label in ROWS:
@@ -45,9 +48,14 @@ def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: 
         lines += ["", "## Training", "", "| stage | train loss | eval loss | steps | held-out reward accuracy | "
                   "held-out reward margin |", "|---|---|---|---|---|---|"]
         for name, m in stages.items():
+            accuracy = m.get("eval_reward_accuracy", m.get("eval_pairwise_accuracy"))  # reward model: pairwise
+            margin = m.get("eval_reward_margin", m.get("eval_mean_margin"))
             lines.append(f"| {name} | {_cell(m.get('train_loss'))} | {_cell(m.get('eval_loss'))} | "
-                         f"{_cell(m.get('train_steps'))} | {_cell(m.get('eval_reward_accuracy'))} | "
-                         f"{_cell(m.get('eval_reward_margin'))} |")
+                         f"{_cell(m.get('train_steps'))} | {_cell(accuracy)} | {_cell(margin)} |")
+        for name, m in stages.items():
+            if "eval_perplexity" in m:
+                lines += ["", f"{name}: held-out perplexity {_cell(m['eval_perplexity_before'])} before → "
+                              f"{_cell(m['eval_perplexity'])} after training."]
     # The most instructive examples: where the models disagree with each other.
     changed = [g for g in generations if len({g[m] for m in models}) > 1] or generations
     lines += ["", f"## Generations (first {min(n_examples, len(changed))} held-out prompts where the models differ)",
@@ -64,6 +72,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--stages", nargs="*", default=[], help="stage metrics files (metrics/<stage>.json)")
     p.add_argument("--generations", required=True)
     p.add_argument("--examples", type=int, default=6)
+    p.add_argument("--title", default="smol pipeline report")
+    p.add_argument("--intro", default=DEFAULT_INTRO)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     for path in [args.evaluate, args.generations, *args.stages]:
@@ -77,7 +87,7 @@ def run(argv: list[str]) -> int:
             stages[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
     with open(args.generations) as f:
         generations = [json.loads(line) for line in f if line.strip()]
-    text = render(evaluation, stages, generations, args.examples)
+    text = render(evaluation, stages, generations, args.examples, args.title, args.intro)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         f.write(text)
