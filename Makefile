@@ -13,11 +13,13 @@ export TRL_EXPERIMENTAL_SILENCE := 1
 # Stage commands in dvc.yaml call `python`: the venv's, whether or not it is activated.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: demo test test-fast venv lock bench clean help
+.PHONY: demo demo-rs demo-gpt2-nl test test-fast venv lock bench clean help
 
 help:
 	@echo "make demo   - create .venv, materialise SmolLM2, run the smol pipeline (dvc repro), print results"
 	@echo "make test   - create or reuse .venv and run the test suite"
+	@echo "make demo-rs       - the smol pipeline's rejection-sampling variant (pipelines/smol-rs)"
+	@echo "make demo-gpt2-nl  - the gpt2-nl CPU twin: Dutch CPT → SFT → DPO (pipelines/gpt2-nl)"
 	@echo "make bench  - time the whole smol pipeline from scratch (bench/smol_pipeline.sh)"
 
 venv: $(STAMP)
@@ -37,6 +39,14 @@ demo: $(STAMP)
 	@echo "report:  reports/smol.md"
 	@echo "metrics: metrics/{sft,dpo,evaluate}.json   ($(BIN)/dvc metrics show)"
 	@echo "plots:   metrics/{sft,dpo}_log.csv         ($(BIN)/dvc plots show)"
+
+demo-rs: $(STAMP)
+	$(RUN) $(BIN)/dvc repro pipelines/smol-rs/dvc.yaml
+	@echo; echo "report: reports/smol-rs.md   metrics: metrics/smol-rs/   compare: $(BIN)/dvc metrics show"
+
+demo-gpt2-nl: $(STAMP)
+	$(RUN) $(BIN)/dvc repro pipelines/gpt2-nl/dvc.yaml
+	@echo; echo "report: reports/gpt2-nl-twin.md   metrics: metrics/gpt2-nl-twin/"
 
 test: $(STAMP)
 	$(RUN) $(BIN)/python -m pytest -q

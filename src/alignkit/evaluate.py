@@ -69,7 +69,8 @@ def task_scores(answers: list[str], references: list[str]) -> dict:
 def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="alignkit evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="base model directory")
-    p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=DIR", help="PEFT adapters to evaluate")
+    p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=DIR",
+                   help="models to evaluate: PEFT adapters on --base, or full model directories")
     p.add_argument("--questions", required=True, help="held-out questions (prompt+completion or messages)")
     p.add_argument("--pairs", required=True, help="held-out preference pairs")
     p.add_argument("--beta", type=float, default=0.1)
@@ -83,12 +84,15 @@ def run(argv: list[str]) -> int:
     from .data import CONVERSATION, PREFERENCE, load_source_rows, normalize_rows, write_jsonl
     from .generation import generate, load_for_inference
 
-    adapters = dict(a.split("=", 1) for a in args.adapters)
+    models = dict(a.split("=", 1) for a in args.adapters)
     convs, _ = normalize_rows(*load_source_rows(args.questions), CONVERSATION, drop_invalid=False)
     pairs, _ = normalize_rows(*load_source_rows(args.pairs), PREFERENCE, drop_invalid=False)
     prompts = [c["messages"][:-1] for c in convs]
     references = [c["messages"][-1]["content"] for c in convs]
 
+    # Adapters are switched on top of one copy of the base; a full model directory is loaded on its own.
+    full_models = {n: d for n, d in models.items() if not os.path.isfile(os.path.join(d, "adapter_config.json"))}
+    adapters = {n: d for n, d in models.items() if n not in full_models}
     model, tokenizer = load_for_inference(args.base, None, args.chat_template)
     if adapters:
         from peft import PeftModel
@@ -100,17 +104,20 @@ def run(argv: list[str]) -> int:
         model.eval()
 
     metrics, answers_by_model, base_logps = {}, {}, None
-    for name in ["base", *adapters]:
-        if name == "base":
-            ctx = model.disable_adapter() if adapters else _nullcontext()
-        else:
+    for name in ["base", *models]:
+        current, ctx = model, _nullcontext()
+        if name == "base" and adapters:
+            ctx = model.disable_adapter()
+        elif name in adapters:
             model.set_adapter(name)
-            ctx = _nullcontext()
+        elif name in full_models:
+            current, _ = load_for_inference(full_models[name], None, args.chat_template)
         with ctx:
-            answers, gen_stats = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+            answers, gen_stats = generate(current, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                           batch_size=args.batch_size)
-            chosen = completion_logps(model, tokenizer, [q["prompt"] for q in pairs], [q["chosen"] for q in pairs])
-            rejected = completion_logps(model, tokenizer, [q["prompt"] for q in pairs],
+            chosen = completion_logps(current, tokenizer, [q["prompt"] for q in pairs],
+                                      [q["chosen"] for q in pairs])
+            rejected = completion_logps(current, tokenizer, [q["prompt"] for q in pairs],
                                         [q["rejected"] for q in pairs])
         m = task_scores(answers, references)
         m["pair_accuracy"] = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
