@@ -77,3 +77,14 @@ def test_report_renders_tables_and_differing_generations():
     assert "| held-out implicit-reward accuracy vs. base | – | 1.000 |" in text
     assert "Capital \\| of France?" in text and "The capital is Paris." in text and "Same?" not in text
     json.dumps(text)
+
+
+def test_report_mtbench_table_names_the_judge():
+    mt = {"judge": {"backend": "reference-f1", "model": None}, "score": "reference_f1_score",
+          "models": {"base": {"overall": 2.0, "turn_1": 2.5, "turn_2": 1.5, "categories": {"math": 3.0, "writing": 1.0}},
+                     "dpo": {"overall": 4.0, "turn_1": 4.5, "turn_2": 3.5, "categories": {"math": 5.0, "writing": 3.0}}},
+          "pairwise": {"dpo_vs_sft": {"win_rate": 0.75, "wins": 2, "losses": 0, "ties": 1, "unparseable": 0}}}
+    text = render({"base": {}}, {}, [], 0, mtbench=mt)
+    assert "## MT-Bench-style (reference_f1_score, judge: reference-f1)" in text
+    assert "| math | 3.000 | 5.000 |" in text and "| **overall** | 2.000 | 4.000 |" in text
+    assert "Pairwise dpo vs sft: win rate 0.750 (2 wins, 0 losses, 1 ties, 0 unparseable)." in text

@@ -82,7 +82,7 @@ def run(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from .data import CONVERSATION, PREFERENCE, load_source_rows, normalize_rows, write_jsonl
-    from .generation import generate, load_for_inference
+    from .generation import generate, load_for_inference, load_with_adapters, use_model
 
     models = dict(a.split("=", 1) for a in args.adapters)
     convs, _ = normalize_rows(*load_source_rows(args.questions), CONVERSATION, drop_invalid=False)
@@ -93,26 +93,14 @@ def run(argv: list[str]) -> int:
     # Adapters are switched on top of one copy of the base; a full model directory is loaded on its own.
     full_models = {n: d for n, d in models.items() if not os.path.isfile(os.path.join(d, "adapter_config.json"))}
     adapters = {n: d for n, d in models.items() if n not in full_models}
-    model, tokenizer = load_for_inference(args.base, None, args.chat_template)
-    if adapters:
-        from peft import PeftModel
-
-        names = list(adapters)
-        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(adapters[name], adapter_name=name)
-        model.eval()
+    model, tokenizer = load_with_adapters(args.base, adapters, args.chat_template)
 
     metrics, answers_by_model, base_logps = {}, {}, None
     for name in ["base", *models]:
-        current, ctx = model, _nullcontext()
-        if name == "base" and adapters:
-            ctx = model.disable_adapter()
-        elif name in adapters:
-            model.set_adapter(name)
-        elif name in full_models:
+        current = model
+        if name in full_models:
             current, _ = load_for_inference(full_models[name], None, args.chat_template)
-        with ctx:
+        with use_model(model, name, adapters):
             answers, gen_stats = generate(current, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                           batch_size=args.batch_size)
             chosen = completion_logps(current, tokenizer, [q["prompt"] for q in pairs],
@@ -143,14 +131,6 @@ def run(argv: list[str]) -> int:
     write_jsonl(rows, args.generations)
     print(json.dumps(metrics))
     return 0
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None) -> int:

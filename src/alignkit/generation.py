@@ -73,3 +73,27 @@ def normalize_answer(text: str) -> str:
     text = text.strip().lower()
     text = text.translate(str.maketrans("", "", string.punctuation))
     return re.sub(r"\s+", " ", text).strip()
+
+
+def load_with_adapters(base: str, adapters: dict[str, str], chat_template: str | None = None):
+    """One copy of the base model with every named PEFT adapter loaded on top (switch with `use_model`)."""
+    model, tokenizer = load_for_inference(base, None, chat_template)
+    if adapters:
+        from peft import PeftModel
+
+        names = list(adapters)
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+        model.eval()
+    return model, tokenizer
+
+
+def use_model(model, name: str, adapters: dict):
+    """Context in which `model` acts as `name`: an adapter switched on, or the base with adapters disabled."""
+    import contextlib
+
+    if name in adapters:
+        model.set_adapter(name)
+        return contextlib.nullcontext()
+    return model.disable_adapter() if adapters else contextlib.nullcontext()

@@ -36,8 +36,26 @@ DEFAULT_INTRO = ("SmolLM2-135M-Instruct → SFT (LoRA) → DPO (LoRA), evaluated
                  "trained on. Produced by `dvc repro`; numbers are deterministic on CPU.")
 
 
+def mtbench_lines(mt: dict) -> list[str]:
+    """Per-category table of an mtbench metrics file; says which judge scored it."""
+    models = list(mt["models"])
+    judge = mt["judge"]
+    who = judge["backend"] + (f" ({judge['model']})" if judge.get("model") else "")
+    lines = ["", f"## MT-Bench-style ({mt['score']}, judge: {who})", "",
+             "| category | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    cats = sorted({c for m in mt["models"].values() for c in m["categories"]})
+    for key in ("overall", "turn_1", "turn_2"):
+        lines.append(f"| **{key}** | " + " | ".join(_cell(mt["models"][m][key]) for m in models) + " |")
+    for c in cats:
+        lines.append(f"| {c} | " + " | ".join(_cell(mt["models"][m]["categories"].get(c)) for m in models) + " |")
+    for name, r in mt.get("pairwise", {}).items():
+        lines += ["", f"Pairwise {name.replace('_vs_', ' vs ')}: win rate {_cell(r['win_rate'])} "
+                      f"({r['wins']} wins, {r['losses']} losses, {r['ties']} ties, {r['unparseable']} unparseable)."]
+    return lines
+
+
 def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: int,
-           title: str = "smol pipeline report", intro: str = DEFAULT_INTRO) -> str:
+           title: str = "smol pipeline report", intro: str = DEFAULT_INTRO, mtbench: dict | None = None) -> str:
     models = list(evaluation)
     lines = [f"# {title}", "", intro, "",
              "## Evaluation", "", "| metric | " + " | ".join(models) + " |",
@@ -56,6 +74,8 @@ def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: 
             if "eval_perplexity" in m:
                 lines += ["", f"{name}: held-out perplexity {_cell(m['eval_perplexity_before'])} before → "
                               f"{_cell(m['eval_perplexity'])} after training."]
+    if mtbench:
+        lines += mtbench_lines(mtbench)
     # The most instructive examples: where the models disagree with each other.
     changed = [g for g in generations if len({g[m] for m in models}) > 1] or generations
     lines += ["", f"## Generations (first {min(n_examples, len(changed))} held-out prompts where the models differ)",
@@ -73,10 +93,11 @@ def run(argv: list[str]) -> int:
     p.add_argument("--generations", required=True)
     p.add_argument("--examples", type=int, default=6)
     p.add_argument("--title", default="smol pipeline report")
+    p.add_argument("--mtbench", default=None, help="metrics of the mtbench stage")
     p.add_argument("--intro", default=DEFAULT_INTRO)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    for path in [args.evaluate, args.generations, *args.stages]:
+    for path in [args.evaluate, args.generations, *args.stages, *([args.mtbench] if args.mtbench else [])]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"report input not found: {path}")
     with open(args.evaluate) as f:
@@ -87,7 +108,8 @@ def run(argv: list[str]) -> int:
             stages[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
     with open(args.generations) as f:
         generations = [json.loads(line) for line in f if line.strip()]
-    text = render(evaluation, stages, generations, args.examples, args.title, args.intro)
+    mt = json.load(open(args.mtbench)) if args.mtbench else None
+    text = render(evaluation, stages, generations, args.examples, args.title, args.intro, mt)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         f.write(text)

@@ -1,0 +1,94 @@
+"""The mtbench stage on the tiny model: two turns, per-category temperatures, resumable answers, both judges."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from test_judges import _Server
+
+from alignkit import mtbench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOL_QUESTIONS = os.path.join(ROOT, "data", "mtbench-smol", "question.jsonl")
+
+
+def run(tmp_path, tiny_model, *extra):
+    args = ["--questions", SMOL_QUESTIONS, "--base", tiny_model, "--max_new_tokens", "6", "--batch_size", "4",
+            "--out_dir", str(tmp_path / "mt"), "--metrics", str(tmp_path / "m.json"),
+            "--plot", str(tmp_path / "plot.csv"), *extra]
+    assert mtbench.run(args) == 0
+    return json.load(open(tmp_path / "m.json"))
+
+
+def test_question_sets_load():
+    real = mtbench.load_questions("mt_bench")
+    assert len(real) == 80 and {q["category"] for q in real} == set(mtbench.TEMPERATURE)
+    assert all(len(q["turns"]) == 2 for q in real)
+    assert all(q["reference"] for q in real if q["category"] in ("math", "reasoning", "coding"))
+    smol = mtbench.load_questions(SMOL_QUESTIONS)
+    assert len(smol) == 16 and all(len(q["reference"]) == 2 for q in smol)
+
+
+def test_offline_judge_metrics_are_stable_and_named_as_such(tmp_path, tiny_model):
+    m = run(tmp_path, tiny_model)
+    assert m["judge"]["backend"] == "reference-f1" and m["score"] == "reference_f1_score"
+    base = m["models"]["base"]
+    assert base["judgments"] == 32 and base["unparseable"] == 0 and 1 <= base["overall"] <= 10
+    assert set(base["categories"]) == set(mtbench.TEMPERATURE)
+    answers = [json.loads(x) for x in open(tmp_path / "mt" / "answers" / "base.jsonl")]
+    assert len(answers) == 16 and all(len(a["turns"]) == 2 for a in answers)
+    first = (tmp_path / "mt" / "judgments.jsonl").read_bytes()
+    (tmp_path / "m.json").unlink()
+    assert run(tmp_path, tiny_model) == m and (tmp_path / "mt" / "judgments.jsonl").read_bytes() == first
+    assert (tmp_path / "plot.csv").read_text().startswith("model,category,score\nbase,coding,")
+
+
+def test_answer_file_is_continued_not_restarted(tmp_path, tiny_model):
+    full = tmp_path / "full"
+    run(full, tiny_model)
+    part = tmp_path / "part"
+    run(part, tiny_model)
+    path = part / "mt" / "answers" / "base.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:4]))  # a crash after the first chunk
+    run(part, tiny_model)
+    assert sorted(path.read_text().splitlines()) == sorted((full / "mt" / "answers" / "base.jsonl").read_text().splitlines())
+
+
+def test_openai_judge_through_the_stand_in_server_with_pairwise(tmp_path, tiny_model, monkeypatch):
+    from alignkit import sft
+    from conftest import tiny_recipe
+
+    server = _Server()
+    try:
+        monkeypatch.setenv("STANDIN_KEY", "sk-standin-secret")
+        data = {"sft_train": os.path.join(ROOT, "data", "smol", "sft.jsonl"),
+                "sft_test": os.path.join(ROOT, "data", "smol", "heldout.jsonl")}
+        sft.train(["--config", tiny_recipe(tmp_path, tiny_model, data, "sft", max_steps=2)])
+        m = run(tmp_path, tiny_model, "--models", f"sft={tmp_path / 'out-sft'}", "--judge", "openai",
+                "--judge_url", server.url, "--judge_model", "stand-in", "--judge_key_env", "STANDIN_KEY",
+                "--pairwise", "sft:base")
+        assert m["judge"] == {"backend": "openai-compatible", "model": "stand-in", "base_url": server.url,
+                              "prompt_version": m["judge"]["prompt_version"]}
+        assert m["models"]["sft"]["overall"] == 7.0 and m["score"] == "mt_bench_score"
+        # the stand-in never says [[A]]/[[B]]: every pairwise verdict is unparseable, counted, not a zero
+        assert m["pairwise"]["sft_vs_base"]["unparseable"] == 32 and m["pairwise"]["sft_vs_base"]["win_rate"] is None
+        n = len(server.requests)
+        run(tmp_path, tiny_model, "--models", f"sft={tmp_path / 'out-sft'}", "--judge", "openai",
+            "--judge_url", server.url, "--judge_model", "stand-in", "--judge_key_env", "STANDIN_KEY",
+            "--pairwise", "sft:base")
+        assert len(server.requests) == n  # every judgment came from the cache
+        for f in (tmp_path / "mt").rglob("*"):
+            if f.is_file():
+                assert "sk-standin-secret" not in f.read_text()
+        server.mode = "garbage"
+        (tmp_path / "mt" / "judgment_cache.jsonl").unlink()
+        with pytest.raises(ValueError, match="had no parseable rating"):
+            mtbench.run(["--questions", SMOL_QUESTIONS, "--base", tiny_model, "--judge", "openai",
+                         "--judge_url", server.url, "--judge_key_env", "STANDIN_KEY", "--max_new_tokens", "6",
+                         "--out_dir", str(tmp_path / "mt"), "--metrics", str(tmp_path / "m.json"),
+                         "--plot", str(tmp_path / "plot.csv")])
+    finally:
+        server.httpd.shutdown()
