@@ -55,10 +55,12 @@ def run(argv: list[str]) -> int:
     tmp = args.out + ".tmp"
     write_jsonl(pairs, tmp)
     os.replace(tmp, args.out)  # atomic: never a half-written pair file
-    stats.update(questions=len(conversations), pairs=len(pairs), dropped_agreeing=dropped)
+    counts = {"questions": len(conversations), "pairs": len(pairs), "dropped_agreeing": dropped,
+              "generated_tokens": stats["generated_tokens"]}
+    # Only reproducible numbers go next to the data (a DVC output): timings would change its hash every run.
     with open(os.path.splitext(args.out)[0] + ".stats.json", "w") as f:
-        json.dump(stats, f, indent=2, sort_keys=True)
-    print(json.dumps(stats))
+        json.dump(counts, f, indent=2, sort_keys=True)
+    print(json.dumps({**counts, "tokens_per_second": stats["tokens_per_second"]}))
     return 0
 
 

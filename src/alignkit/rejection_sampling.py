@@ -10,7 +10,9 @@ produces exactly what an uninterrupted one would. Outputs:
   <out>/samples.jsonl   every prompt with all N completions and their scores
   <out>/sft.jsonl       best-of-N conversations (prompt + argmax completion)
   <out>/dpo.jsonl       prompt, chosen = argmax, rejected = argmin, with both scores
-  <out>/stats.json      counts, mean best/worst score, generation throughput (tokens/s)
+  <out>/stats.json      counts, mean best/worst/all scores (reproducible: no timings)
+  --metrics FILE        the same plus generation throughput (tokens/s) of this run (outside the DVC output,
+                        so a rerun's timing does not invalidate the stages that train on the samples)
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--shard_size", type=int, default=16, help="prompts per shard (the unit of resumption)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics", default=None, help="also write stats with throughput here (e.g. metrics/...)")
     args = p.parse_args(argv)
     if args.n < 2:
         p.error("--n must be at least 2 to form best-vs-worst pairs")
@@ -171,11 +174,16 @@ def run(argv: list[str]) -> int:
 
     gen_stats = run_shards(prompts, n=args.n, shard_size=args.shard_size, out_dir=args.out, sample=sample,
                            score=scorer)
-    stats = {**collect(args.out, gen_stats["shards"]), **gen_stats, "n": args.n, "temperature": args.temperature,
-             "top_p": args.top_p, "seed": args.seed}
+    stats = {**collect(args.out, gen_stats["shards"]), "shards": gen_stats["shards"], "n": args.n,
+             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     with open(os.path.join(args.out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2, sort_keys=True)
-    print(json.dumps(stats))
+    run_stats = {**stats, **gen_stats}  # + this run's shards resumed/sampled and tokens/s
+    if args.metrics:
+        os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)
+        with open(args.metrics, "w") as f:
+            json.dump(run_stats, f, indent=2, sort_keys=True)
+    print(json.dumps(run_stats))
     return 0
 
 

@@ -158,11 +158,13 @@ def train_and_evaluate(trainer, data_report) -> tuple[dict, dict]:
     result = trainer.train()
     seconds = time.time() - start
     evaluation = trainer.evaluate()
+    # Wall time goes to the log, not the metrics: metrics (and the output directory holding them) must be
+    # identical on a rerun, or DVC would see a changed output and retrain everything downstream.
+    logger.info("training took %.1f s (%d steps)", seconds, result.global_step)
     metrics = {
         "train_loss": result.training_loss,
         "eval_loss": evaluation["eval_loss"],
         "train_steps": result.global_step,
-        "train_seconds": seconds,
         "train_rows": len(trainer.train_dataset),
         "eval_rows": len(trainer.eval_dataset),
         **data_report.as_metrics("data"),
