@@ -101,3 +101,20 @@ def test_dpo_from_sft_adapter(tmp_path, tiny_model, tiny_data):
     assert first_logged(str(tmp_path / "out-dpo")) == pytest.approx(math.log(2), abs=1e-6)
     adapter = load_file(str(tmp_path / "out-dpo" / "adapter_model.safetensors"))
     assert adapter and not any(".ref." in k for k in adapter)
+
+
+def test_saved_configs_do_not_depend_on_the_process(tmp_path, tiny_model, tiny_data):
+    """Reruns in new processes (new string-hash seeds, online or offline) write byte-identical directories."""
+    import subprocess
+    import sys
+
+    outs = []
+    for i, (seed, offline) in enumerate((("1", "1"), ("2", "0"))):
+        (tmp_path / str(i)).mkdir()
+        recipe = tiny_recipe(tmp_path / str(i), tiny_model, tiny_data, "sft", max_steps=1)
+        env = dict(os.environ, PYTHONHASHSEED=seed, HF_HUB_OFFLINE=offline)
+        subprocess.run([sys.executable, "-m", "alignkit.sft", "--config", recipe], check=True, env=env,
+                       capture_output=True)
+        outs.append(tmp_path / str(i) / "out-sft")
+    for name in ("adapter_config.json", "tokenizer_config.json", "adapter_model.safetensors", "metrics.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name

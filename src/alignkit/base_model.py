@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from .models import _drop_gguf_quantizer, atomic_output
+from .models import _drop_gguf_quantizer, atomic_output, normalize_saved_configs
 
 
 def gguf_in_package(package: str) -> str:
@@ -50,6 +50,7 @@ def materialize(source: str, out_dir: str, *, trust_remote_code: bool = False) -
     with atomic_output(out_dir) as tmp:
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
+        normalize_saved_configs(tmp)
         info = {
             "source": os.path.basename(source) if kwargs else source,
             "architecture": model.config.architectures,

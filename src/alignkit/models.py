@@ -170,6 +170,33 @@ def atomic_output(final_dir: str):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def normalize_saved_configs(out_dir: str) -> None:
+    """Make saved JSON configs independent of the process that wrote them, so reruns are byte-identical:
+    PEFT stores `target_modules` from a set (order follows the per-process string hash seed), and
+    tokenizers record `local_files_only`, which follows HF_HUB_OFFLINE."""
+    import json
+
+    for name, fix in (("adapter_config.json", _sort_target_modules), ("tokenizer_config.json", _drop_run_flags)):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                data = json.load(f)
+            fix(data)
+            with open(path, "w") as f:
+                json.dump(data, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+
+def _sort_target_modules(data: dict) -> None:
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(data.get(key), list):
+            data[key] = sorted(data[key])
+
+
+def _drop_run_flags(data: dict) -> None:
+    data.pop("local_files_only", None)
+
+
 def save_trained(trainer, tokenizer, out_dir: str, merge: bool) -> None:
     """Save the model (or adapter) as safetensors plus the tokenizer; optionally a merged copy under merged/."""
     model = trainer.model
@@ -179,6 +206,7 @@ def save_trained(trainer, tokenizer, out_dir: str, merge: bool) -> None:
     else:
         trainer.save_model(out_dir)  # safetensors (transformers 5 always saves safetensors)
     tokenizer.save_pretrained(out_dir)
+    normalize_saved_configs(out_dir)
     if merge:
         if not hasattr(model, "merge_and_unload"):
             raise ValueError("merge_adapter: true needs a LoRA run (use_peft or adapter_path)")
@@ -186,3 +214,4 @@ def save_trained(trainer, tokenizer, out_dir: str, merge: bool) -> None:
         merged = model.merge_and_unload(adapter_names=["default"])
         merged.save_pretrained(os.path.join(out_dir, "merged"))
         tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
+        normalize_saved_configs(os.path.join(out_dir, "merged"))
