@@ -61,3 +61,21 @@ def test_data_builders_reproduce_committed_files(builder, tmp_path):
     subprocess.run([sys.executable, str(tmp_path / "d" / "build.py")], check=True, capture_output=True)
     for f in sorted(glob.glob(os.path.join(src_dir, "*.jsonl"))):
         assert open(f, "rb").read() == open(tmp_path / "d" / os.path.basename(f), "rb").read(), f
+
+
+def test_dvc_accepts_the_committed_metrics_and_plots(tmp_path):
+    """`dvc metrics show` reads every pipeline's metrics and `dvc plots show` renders the plots."""
+    dvc = os.path.join(os.path.dirname(sys.executable), "dvc")
+    shown = subprocess.run([dvc, "metrics", "show", "--json"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    for path in ("metrics/evaluate.json", "metrics/mtbench.json", "metrics/dpo.json",
+                 "metrics/smol-rs/evaluate.json", "metrics/gpt2-nl-twin/cpt.json"):
+        assert path in text, path
+    assert "reference_f1_score" in text and "eval_perplexity" in text
+    plots = subprocess.run([dvc, "plots", "show", "--json", "-o", str(tmp_path / "plots")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert plots.returncode == 0, plots.stderr
+    for path in ("metrics/sft_log.csv", "metrics/dpo_log.csv", "metrics/mtbench_categories.csv"):
+        assert path in plots.stdout, path
