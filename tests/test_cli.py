@@ -65,3 +65,15 @@ def test_check_command_over_repo_recipes():
 def test_unknown_command_suggests():
     r = alignkit("dpp")
     assert r.returncode == 2 and "did you mean: dpo" in r.stderr
+
+
+def test_every_command_in_the_readme_is_registered():
+    import re
+
+    from alignkit.cli import STAGES, TOOLS
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    used = set(re.findall(r"`alignkit ([a-z][a-z-]+)", readme)) - {"check"}
+    assert used and used <= set(STAGES) | set(TOOLS), used - set(STAGES) - set(TOOLS)
+    r = alignkit("mtbench", "--help")
+    assert r.returncode == 0 and "--judge" in r.stdout

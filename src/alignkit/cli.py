@@ -14,6 +14,7 @@ TOOLS = {
     "pairs": "alignkit.pairs",
     "rejection-sampling": "alignkit.rejection_sampling",
     "evaluate": "alignkit.evaluate",
+    "mtbench": "alignkit.mtbench",
     "report": "alignkit.report",
 }
 
