@@ -4,11 +4,9 @@ position-swap arithmetic, and the OpenAI-compatible client against a stand-in se
 from __future__ import annotations
 
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from standin import OpenAIStandIn as _Server
 
 from alignkit.judges import (JudgeError, JudgmentCache, OpenAIJudge, ReferenceScorer, load_judge_prompts,
                              parse_rating, parse_verdict, render_pair, render_single, swap_outcome, win_rate)
@@ -72,43 +70,6 @@ def test_reference_scorer_is_deterministic_and_bounded():
     assert ReferenceScorer.score("Paris.", "Paris") == 10.0
     assert ReferenceScorer.score("The capital is Paris.", "Paris.") == pytest.approx(1 + 9 * 0.4)
     assert ReferenceScorer.score("London", "Paris") == 1.0 and ReferenceScorer.score("", "Paris") == 1.0
-
-
-class _Server:
-    """A small OpenAI-compatible stand-in on 127.0.0.1: answers per `mode`, records every request."""
-
-    def __init__(self):
-        self.mode, self.requests = "rating", []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                if server.mode == "error":
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                if server.mode == "slow":
-                    time.sleep(1.0)
-                content = {"rating": "Helpful and correct. Rating: [[7]]", "garbage": "I like turtles"}.get(
-                    server.mode, "")
-                payload = {"choices": [{"message": {"role": "assistant", "content": content}}]}
-                if server.mode == "notjson":
-                    payload = "<html>oops</html>"
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from test_judges import _Server
+from standin import OpenAIStandIn as _Server
 
 from alignkit import mtbench
 

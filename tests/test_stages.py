@@ -45,6 +45,12 @@ def test_dpo_outputs_and_metrics(tmp_path, tiny_model, tiny_data):
     assert json.load(open(out / "metrics.json")) == metrics
     assert json.load(open(tmp_path / "metrics" / "dpo.json")) == metrics
     assert (tmp_path / "metrics" / "dpo_log.csv").read_text().startswith("step,")
+    # the model card names what it is, how it was made, and carries every metric
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\nbase_model: " + tiny_model)
+    assert "| stage | `dpo` |" in card and "| beta | 0.1 |" in card and "LoRA r 4 α 8" in card
+    assert f"| eval_reward_accuracy | {metrics['eval_reward_accuracy']} |" in card
+    assert "AutoPeftModelForCausalLM" in card
     # nothing but the final directory is left next to it
     assert [p for p in os.listdir(tmp_path) if p.startswith(".out-dpo")] == []
 

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from .stage import run_cli
+from .stage import UsageError, run_cli
 
 # MT-Bench's sampling temperature per category (FastChat's temperature_config).
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
@@ -53,17 +53,17 @@ def load_questions(source: str) -> list[dict]:
     for i, q in enumerate(questions, 1):
         for key in ("question_id", "category", "turns"):
             if key not in q:
-                raise ValueError(f"{source}: question {i}: missing field '{key}'")
+                raise UsageError(f"{source}: question {i}: missing field '{key}'")
         if not isinstance(q["turns"], list) or len(q["turns"]) != 2:
-            raise ValueError(f"{source}: question {i}: field 'turns' must hold two user turns")
+            raise UsageError(f"{source}: question {i}: field 'turns' must hold two user turns")
         q.setdefault("reference", None)
     return sorted(questions, key=lambda q: q["question_id"])
 
 
-def generate_answers(model, tokenizer, questions: list[dict], path: str, *, max_new_tokens: int,
+def generate_answers(generator, name: str, questions: list[dict], path: str, *, max_new_tokens: int,
                      batch_size: int, seed: int) -> dict[int, list[str]]:
     """Both turns for every question not yet in `path` (a jsonl that a rerun extends). Returns id → answers."""
-    from .generation import generate
+    from tqdm.auto import tqdm
 
     done = {}
     if os.path.exists(path):
@@ -73,7 +73,7 @@ def generate_answers(model, tokenizer, questions: list[dict], path: str, *, max_
                 done[row["question_id"]] = row["turns"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # Fixed chunks over all questions: a resumed run samples each chunk with the same seed as a full run.
-    for c in range(0, len(questions), batch_size):
+    for c in tqdm(range(0, len(questions), batch_size), desc=f"mtbench answers ({name})", unit="chunk"):
         chunk = [q for q in questions[c:c + batch_size] if q["question_id"] not in done]
         if not chunk:
             continue
@@ -90,8 +90,8 @@ def generate_answers(model, tokenizer, questions: list[dict], path: str, *, max_
                         conv += [{"role": "assistant", "content": answers[q["question_id"]][0]},
                                  {"role": "user", "content": q["turns"][1]}]
                     convs.append(conv)
-                outs, _ = generate(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   temperature=temp, top_p=1.0, seed=seed + c + turn)
+                outs, _ = generator(name, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    temperature=temp, top_p=1.0, seed=seed + c + turn)
                 for q, out in zip(qs, outs):
                     answers[q["question_id"]].append(out)
         with open(path, "a") as f:
@@ -112,7 +112,7 @@ def judge_model(questions, answers, judge, prompts, cache) -> list[dict]:
         for turn in (1, 2):
             if isinstance(judge, ReferenceScorer):
                 if not q["reference"]:
-                    raise ValueError(f"question {q['question_id']}: the reference-f1 judge needs reference answers "
+                    raise UsageError(f"question {q['question_id']}: the reference-f1 judge needs reference answers "
                                      "for every question; use --judge openai for the full MT-Bench")
                 score = judge.score(ans[turn - 1], q["reference"][turn - 1])
                 output = None
@@ -173,12 +173,14 @@ def run(argv: list[str]) -> int:
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto",
+                   help="answer generation: vLLM when installed with a GPU (auto), or transformers")
     p.add_argument("--out_dir", required=True, help="answers and judgments (DVC output)")
     p.add_argument("--metrics", required=True)
     p.add_argument("--plot", required=True, help="per-category scores CSV (dvc plots)")
     args = p.parse_args(argv)
 
-    from .generation import load_with_adapters, use_model
+    from .generation import Generator
     from .judges import JudgmentCache, OpenAIJudge, ReferenceScorer, load_judge_prompts
 
     questions = load_questions(args.questions)
@@ -191,15 +193,14 @@ def run(argv: list[str]) -> int:
     cache = JudgmentCache(os.path.join(args.out_dir, "judgment_cache.jsonl"))
     score_name = "mt_bench_score" if args.judge == "openai" else "reference_f1_score"
 
-    model, tokenizer = load_with_adapters(args.base, models, args.chat_template)
+    generator = Generator(args.base, models, args.chat_template, backend=args.backend)
 
     answers, per_model, metrics = {}, {}, {"judge": judge.identity, "score": score_name, "models": {}}
     for name in ["base", *models]:
-        with use_model(model, name, models):
-            answers[name] = generate_answers(model, tokenizer, questions,
-                                             os.path.join(args.out_dir, "answers", f"{name}.jsonl"),
-                                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                             seed=args.seed)
+        answers[name] = generate_answers(generator, name, questions,
+                                         os.path.join(args.out_dir, "answers", f"{name}.jsonl"),
+                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                         seed=args.seed)
         rows = judge_model(questions, answers[name], judge, prompts, cache)
         per_model[name] = rows
         metrics["models"][name] = summarize(rows)
@@ -213,7 +214,7 @@ def run(argv: list[str]) -> int:
     total = sum(m["judgments"] for m in metrics["models"].values())
     bad = sum(m["unparseable"] for m in metrics["models"].values())
     if total and bad / total > args.max_unparseable:
-        raise ValueError(f"{bad} of {total} judgments had no parseable rating (> {args.max_unparseable:.0%}); "
+        raise UsageError(f"{bad} of {total} judgments had no parseable rating (> {args.max_unparseable:.0%}); "
                          f"see {args.out_dir}/judgment_cache.jsonl")
     print(json.dumps(metrics))
     return 0

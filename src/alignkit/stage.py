@@ -29,14 +29,21 @@ from .config import Recipe, RecipeError, load_recipe, split_config_arg
 
 logger = logging.getLogger("alignkit")
 
+
+
+class UsageError(ValueError):
+    """Bad input to a tool stage (arguments, question or instruction files): the message says what and where."""
+
+
 # Errors a user can fix from the message alone: printed as one line, exit status 2, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, UsageError, FileNotFoundError)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
+    from .judges import JudgeError
 
-    return USER_ERRORS + (DataError,)
+    return USER_ERRORS + (DataError, JudgeError)
 
 
 def run_cli(stage: str, body, argv) -> int:
@@ -201,6 +208,8 @@ def finish(stage: str, recipe: Recipe, trainer, tokenizer, metrics: dict) -> dic
         for name in ("README.md", "training_args.bin"):  # trainer boilerplate: not reproducible, not needed
             if os.path.exists(os.path.join(tmp, name)):
                 os.remove(os.path.join(tmp, name))
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(stage, recipe, metrics, os.path.exists(os.path.join(tmp, "adapter_config.json"))))
     if recipe.extras.metrics_dir:
         os.makedirs(recipe.extras.metrics_dir, exist_ok=True)
         with open(os.path.join(recipe.extras.metrics_dir, f"{stage}.json"), "w") as f:
@@ -208,6 +217,44 @@ def finish(stage: str, recipe: Recipe, trainer, tokenizer, metrics: dict) -> dic
         write_log_csv(trainer.state.log_history, os.path.join(recipe.extras.metrics_dir, f"{stage}_log.csv"))
     logger.info("%s done: %s → %s", stage, json.dumps(metrics), out_dir)
     return metrics
+
+
+def model_card(stage: str, recipe: Recipe, metrics: dict, is_adapter: bool) -> str:
+    """README.md for a trained model directory: what it is, how it was made, its metrics (deterministic text)."""
+    m, t, x = recipe.model, recipe.train, recipe.extras
+    base = m.model_name_or_path + (f" ({x.gguf_file})" if x.gguf_file else "")
+    if m.use_peft or x.adapter_path:
+        method = (("QLoRA 4-bit " + str(m.bnb_4bit_quant_type)) if m.load_in_4bit else "LoRA") + \
+            f" r {m.lora_r} α {m.lora_alpha} dropout {m.lora_dropout} on {m.lora_target_modules or 'all-linear'}"
+    else:
+        method = "full fine-tuning"
+    batch = f"{t.per_device_train_batch_size} per device × {t.gradient_accumulation_steps} accumulation"
+    length = "max_steps " + str(t.max_steps) if t.max_steps and t.max_steps > 0 else f"{t.num_train_epochs} epoch(s)"
+    rows = [("stage", f"`{stage}`"), ("base model", f"`{base}`"),
+            ("starting adapter", f"`{x.adapter_path}`" if x.adapter_path else "–"), ("method", method),
+            ("training data", ", ".join(f"`{d.get('path')}`" for d in recipe.data.datasets) or "–"),
+            ("held-out data", ", ".join(f"`{d.get('path')}`" for d in recipe.data.test_datasets)
+             or f"seeded split ({recipe.data.test_split_size})"),
+            ("optimisation", f"lr {t.learning_rate} {getattr(t.lr_scheduler_type, 'value', t.lr_scheduler_type)}, warmup {t.warmup_steps}, {length}, "
+                             f"batch {batch}, seed {t.seed}")]
+    for key in ("beta", "loss_type", "max_length"):
+        if getattr(t, key, None) is not None:
+            rows.append((key, f"{getattr(t, key)}"))
+    library = "peft" if is_adapter else "transformers"
+    lines = ["---", f"library_name: {library}", f"base_model: {m.model_name_or_path}", "tags:", "- alignkit",
+             f"- {stage}", "---", "", f"# {os.path.basename(os.path.normpath(t.output_dir))} — alignkit `{stage}`", "",
+             f"Made by `python -m alignkit.{stage} --config {recipe.path}`; the full resolved recipe is `config.yaml` "
+             "beside this file, the loss curve `train_log.csv`.", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in metrics.items()]
+    loader = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(DIR)"
+              if is_adapter else "from transformers import AutoModelForCausalLM\n"
+              "model = AutoModelForCausalLM.from_pretrained(DIR)")
+    if stage == "reward":
+        loader = loader.replace("CausalLM", "SequenceClassification")
+    lines += ["", "## Load", "", "```python", loader, "```", ""]
+    return "\n".join(lines)
 
 
 def _plain(value):

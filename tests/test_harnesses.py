@@ -1,0 +1,171 @@
+"""lm-eval and AlpacaEval stages: local lm-eval tasks on the tiny model, the task plans, and AlpacaEval's own
+annotator code talking to the OpenAI-compatible stand-in server over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from standin import OpenAIStandIn
+
+from alignkit import alpacaeval, lmeval
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOL_TASKS = os.path.join(ROOT, "eval", "lm_eval", "smol")
+
+
+def test_leaderboard_v1_plan_is_the_open_llm_leaderboard_set():
+    assert lmeval.task_plan("leaderboard-v1") == [
+        ("arc_challenge", 25, "acc_norm,none"), ("hellaswag", 10, "acc_norm,none"), ("mmlu", 5, "acc,none"),
+        ("truthfulqa_mc2", 0, "acc,none"), ("winogrande", 5, "acc,none"), ("gsm8k", 5, "exact_match,strict-match")]
+    assert lmeval.task_plan("arc_easy:0, gsm8k:5,hellaswag") == [
+        ("arc_easy", 0, None), ("gsm8k", 5, None), ("hellaswag", None, None)]
+
+
+def test_headline_metric_and_its_stderr_only_for_planned_suites():
+    results = {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.01,
+                         "exact_match,flexible-extract": 0.3, "sample_len": 1319}}
+    assert lmeval.select_metrics(results, [("gsm8k", 5, "exact_match,strict-match")]) == {
+        "gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.01}}
+    assert set(lmeval.select_metrics(results, [("gsm8k", 5, None)])["gsm8k"]) == {
+        "exact_match,strict-match", "exact_match_stderr,strict-match", "exact_match,flexible-extract"}
+
+
+def test_local_task_data_resolves_relative_to_the_yaml_not_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    configs = lmeval.local_task_configs(SMOL_TASKS)
+    assert [c["task"] for c in configs] == ["smol_mc", "smol_qa"]
+    for c in configs:
+        assert os.path.isfile(c["dataset_kwargs"]["data_files"]["test"])
+    bad = tmp_path / "tasks"
+    bad.mkdir()
+    (bad / "t.yaml").write_text("task: t\ndataset_path: json\ndataset_kwargs: {data_files: {test: nope.jsonl}}\n")
+    with pytest.raises(FileNotFoundError, match=r"t\.yaml: data_files\.test: .*nope\.jsonl does not exist"):
+        lmeval.local_task_configs(str(bad))
+    with pytest.raises(FileNotFoundError, match="task directory not found"):
+        lmeval.task_plan("eval/lm_eval/missing")
+
+
+class _AnswerKeyLM:
+    """An lm-eval LM that knows the smol answers: `style` picks how it phrases them."""
+
+    def __new__(cls, style):
+        from lm_eval.api.model import LM
+
+        answers = {r["question"]: r["answer"] for r in map(json.loads, open(os.path.join(SMOL_TASKS, "smol_qa.jsonl")))}
+
+        class AnswerKey(LM):
+            def loglikelihood(self, requests):  # the reference choice is the likeliest
+                out = []
+                for r in requests:
+                    context, continuation = r.args
+                    q = context.split("Question: ", 1)[1].split("\nAnswer:")[0]
+                    out.append((0.0 if continuation.strip().rstrip(".") == answers[q] else -5.0, False))
+                return out
+
+            def generate_until(self, requests):
+                said = {"padded": " {}.", "verbose": " The answer is {}.", "wrong": " Nothing."}[style]
+                return [said.format(answers[r.args[0]]) for r in requests]
+
+            def loglikelihood_rolling(self, requests):
+                raise NotImplementedError
+
+        return AnswerKey()
+
+
+@pytest.mark.parametrize("style,expected", [("padded", 1.0), ("verbose", 0.0), ("wrong", 0.0)])
+def test_smol_tasks_strip_whitespace_then_exact_match(style, expected):
+    import lm_eval
+
+    out = lm_eval.simple_evaluate(model=_AnswerKeyLM(style), tasks=lmeval.local_task_configs(SMOL_TASKS),
+                                  bootstrap_iters=0, log_samples=False)
+    # " Paris." (leading space, full stop) is an exact match once stripped; a sentence is not.
+    assert out["results"]["smol_qa"]["exact_match,strip"] == expected
+    assert out["results"]["smol_mc"]["acc,none"] == 1.0
+    assert out["n-samples"]["smol_qa"]["effective"] == 36
+
+
+def test_lmeval_stage_on_the_tiny_model_is_reproducible(tiny_model, tmp_path):
+    def run(tag):
+        out, samples = tmp_path / f"{tag}.json", tmp_path / f"samples-{tag}"
+        assert lmeval.main(["--base", tiny_model, "--models", f"merged={tiny_model}", "--tasks", SMOL_TASKS,
+                            "--apply_chat_template", "--limit", "6", "--batch_size", "4",
+                            "--out", str(out), "--samples", str(samples)]) == 0
+        return out, samples
+
+    out, samples = run("a")
+    metrics = json.loads(out.read_text())
+    assert set(metrics["models"]) == {"base", "merged"}
+    assert metrics["models"]["base"] == metrics["models"]["merged"]  # the same weights, two loading paths
+    scores = metrics["models"]["base"]
+    assert 0.0 <= scores["smol_mc"]["acc,none"] <= 1.0 and 0.0 <= scores["smol_qa"]["exact_match,strip"] <= 1.0
+    assert metrics["harness"]["tasks_run"]["smol_qa"] == {"n_shot": 0, "samples": 6, "version": 1.0}
+    rows = [json.loads(x) for x in (samples / "base" / "smol_qa.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == list(range(6))
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # written atomically
+    out2, samples2 = run("b")
+    assert out2.read_bytes() == out.read_bytes()
+    assert (samples2 / "base" / "smol_mc.jsonl").read_bytes() == (samples / "base" / "smol_mc.jsonl").read_bytes()
+
+
+def test_alpacaeval_without_annotator_writes_answers_and_skips(tiny_model, tmp_path, capsys):
+    instructions = tmp_path / "instructions.jsonl"
+    instructions.write_text("".join(json.dumps({"instruction": q}) + "\n" for q in ["Say hello.", "Name a color."]))
+    metrics = tmp_path / "alpacaeval.json"
+    rc = alpacaeval.main(["--base", tiny_model, "--models", f"merged={tiny_model}", "--instructions",
+                          str(instructions), "--reference", "base", "--max_new_tokens", "4", "--backend", "hf",
+                          "--out_dir", str(tmp_path / "out"), "--metrics", str(metrics)])
+    assert rc == 0
+    assert "judging skipped: no annotator configured" in capsys.readouterr().err
+    m = json.loads(metrics.read_text())
+    assert m["skipped"].startswith("no annotator configured") and "models" not in m
+    outputs = json.loads((tmp_path / "out" / "outputs" / "merged.json").read_text())
+    assert [o["instruction"] for o in outputs] == ["Say hello.", "Name a color."]
+    assert {o["generator"] for o in outputs} == {"merged"}
+
+
+def test_alpacaeval_bad_inputs_are_one_line_errors(tiny_model, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "ok"}) + "\n" + json.dumps({"prompt": "no instruction"}) + "\n")
+    base = ["--base", tiny_model, "--out_dir", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")]
+    assert alpacaeval.main(base + ["--instructions", str(bad), "--reference", "base"]) == 2
+    assert "bad.jsonl: row 2: field 'instruction'" in capsys.readouterr().err
+    assert alpacaeval.main(base + ["--instructions", str(bad)]) == 2
+    assert "needs --reference" in capsys.readouterr().err
+    assert alpacaeval.main(base + ["--instructions", str(bad), "--reference", "dpo"]) == 2
+    assert "not an evaluated model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="nearest: chatgpt"):
+        alpacaeval.annotator_config("chatgtp", None, "x", str(tmp_path))
+
+
+def test_alpacaeval_annotates_through_the_stand_in_server(tmp_path, monkeypatch, caplog):
+    server = OpenAIStandIn()
+
+    def prefer_longer(body):  # a judge that always prefers the model's (longer) answer, wherever AlpacaEval put it
+        prompt = json.dumps(body["messages"])
+        output_a = prompt.split("## Output (a):")[-1].split("## Output (b):")[0]
+        return "Output (a)" if "longer" in output_a else "Output (b)"
+
+    server.mode, server.reply = "reply", prefer_longer
+    monkeypatch.setenv("STANDIN_KEY", "sk-alpaca-secret-42")
+    reference = [{"instruction": f"Question {i}?", "output": f"Short {i}.", "generator": "sft", "dataset": "t"}
+                 for i in range(4)]
+    model = [dict(r, output=f"A longer answer number {i}.", generator="dpo") for i, r in enumerate(reference)]
+    try:
+        result = alpacaeval.annotate(model, reference, name="dpo", annotator="chatgpt", annotator_model="judge-x",
+                                     url=server.url, key_env="STANDIN_KEY", cache_dir=str(tmp_path / "ann"))
+    finally:
+        server.close()
+    assert result["win_rate"] == 100.0 and result["n_wins"] == 4 and result["n_total"] == 4
+    assert len(server.requests) == 4
+    req = server.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-alpaca-secret-42"
+    assert req["body"]["model"] == "judge-x" and "Question" in json.dumps(req["body"]["messages"])
+    written = "".join(p.read_text() for p in (tmp_path / "ann").rglob("*") if p.is_file())
+    assert "Output (" in written and "sk-alpaca-secret-42" not in written
+    # a rerun is served from the annotation cache: no second request
+    again = alpacaeval.annotate(model, reference, name="dpo", annotator="chatgpt", annotator_model="judge-x",
+                                url="http://127.0.0.1:9/v1", key_env="STANDIN_KEY", cache_dir=str(tmp_path / "ann"))
+    assert again == result
+    assert "sk-alpaca-secret-42" not in caplog.text
