@@ -10,6 +10,8 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TRL_EXPERIMENTAL_SILENCE := 1
+# DeepSpeed's sdist builds without CUDA when its ops are left to JIT compilation (the container prebuilds them).
+export DS_BUILD_OPS ?= 0
 # Stage commands in dvc.yaml call `python`: the venv's, whether or not it is activated.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 

@@ -117,3 +117,26 @@ def test_check_reports_a_bad_recipe(tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"model_name_or_path": "m", "datasets": ["d.jsonl"], "bta": 0.1}))
     assert check([str(bad)]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_global_batch_size_derives_accumulation_from_world_size(tmp_path, tiny_model, tiny_data):
+    from conftest import tiny_recipe
+    from trl import DPOConfig
+
+    from alignkit.config import derive_accumulation
+
+    path = tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", global_batch_size=16, per_device_train_batch_size=2)
+    recipe = load_recipe(path, [], DPOConfig)  # this process: world size 1
+    assert recipe.train.gradient_accumulation_steps == 8
+
+    def fail(msg):
+        raise RecipeError(msg)
+
+    for world, accumulation in ((2, 4), (8, 1)):  # what torchrun/accelerate's WORLD_SIZE gives at launch
+        derive_accumulation(recipe, world, fail)
+        assert recipe.train.gradient_accumulation_steps == accumulation
+    with pytest.raises(RecipeError, match=r"global_batch_size 16 is not divisible by world size 16 × "
+                                          r"per_device_train_batch_size 2 = 32"):
+        derive_accumulation(recipe, 16, fail)
+    with pytest.raises(RecipeError, match="gradient_accumulation_steps 3 contradicts global_batch_size 16"):
+        load_recipe(path, ["--gradient_accumulation_steps", "3"], DPOConfig)

@@ -169,3 +169,24 @@ def test_alpacaeval_annotates_through_the_stand_in_server(tmp_path, monkeypatch,
                                 url="http://127.0.0.1:9/v1", key_env="STANDIN_KEY", cache_dir=str(tmp_path / "ann"))
     assert again == result
     assert "sk-alpaca-secret-42" not in caplog.text
+
+
+def test_answer_backend_choice_and_model_kinds(tiny_model, tmp_path):
+    import importlib.util
+
+    from alignkit.generation import pick_backend, split_models
+    from alignkit.stage import UsageError
+
+    if importlib.util.find_spec("vllm") is None:  # this machine and CI: transformers answers
+        assert pick_backend("auto") == "hf"
+        with pytest.raises(UsageError, match="vLLM is not installed"):
+            pick_backend("vllm")
+    with pytest.raises(UsageError, match="unknown generation backend 'tgi'"):
+        pick_backend("tgi")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    assert split_models({"dpo": str(adapter), "merged": tiny_model}) == ({"dpo": str(adapter)}, {"merged": tiny_model})
+    with pytest.raises(UsageError, match="model 'x': .*empty holds neither a PEFT adapter"):
+        split_models({"x": str(tmp_path / "empty")})

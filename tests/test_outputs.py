@@ -88,3 +88,21 @@ def test_report_mtbench_table_names_the_judge():
     assert "## MT-Bench-style (reference_f1_score, judge: reference-f1)" in text
     assert "| math | 3.000 | 5.000 |" in text and "| **overall** | 2.000 | 4.000 |" in text
     assert "Pairwise dpo vs sft: win rate 0.750 (2 wins, 0 losses, 1 ties, 0 unparseable)." in text
+    assert "math         dpo    ██████████ 5.000" in text  # the per-category bar, 20 cells = score 10
+
+
+def test_report_lmeval_and_alpacaeval_tables():
+    lm = {"harness": {"tasks": "eval/lm_eval/smol", "lm_eval": "0.4.13", "apply_chat_template": True,
+                      "tasks_run": {"smol_qa": {"n_shot": 0}}},
+          "models": {"base": {"smol_qa": {"exact_match,strip": 0.0, "exact_match_stderr,strip": 0.0}},
+                     "dpo": {"smol_qa": {"exact_match,strip": 0.444444, "exact_match_stderr,strip": 0.083992}}}}
+    skipped = {"n_instructions": 16, "reference": "sft", "skipped": "no annotator configured (--annotator)"}
+    text = render({"base": {}}, {}, [], 0, lmeval=lm, alpacaeval=skipped)
+    assert "## lm-eval (eval/lm_eval/smol, lm-eval 0.4.13, chat template)" in text
+    assert "| smol_qa | exact_match | 0 | 0.000 ± 0.000 | 0.444 ± 0.084 |" in text
+    assert "Judging skipped: no annotator configured (--annotator)." in text
+    judged = {"n_instructions": 4, "reference": "sft", "annotator": {"config": "chatgpt", "model": None},
+              "models": {"dpo": {"win_rate": 75.0, "length_controlled_winrate": None, "n_wins": 3.0, "n_draws": 0.0,
+                                 "n_total": 4.0}}}
+    text = render({"base": {}}, {}, [], 0, alpacaeval=judged)
+    assert "| dpo | 75.000 | – | 3.000 | 0.000 | 4.000 |" in text and "Annotator: chatgpt" in text

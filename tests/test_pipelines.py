@@ -70,7 +70,8 @@ def test_dvc_accepts_the_committed_metrics_and_plots(tmp_path):
                            timeout=300)
     assert shown.returncode == 0, shown.stderr
     text = shown.stdout
-    for path in ("metrics/evaluate.json", "metrics/mtbench.json", "metrics/dpo.json",
+    for path in ("metrics/evaluate.json", "metrics/mtbench.json", "metrics/dpo.json", "metrics/lmeval.json",
+                 "metrics/alpacaeval.json",
                  "metrics/smol-rs/evaluate.json", "metrics/gpt2-nl-twin/cpt.json"):
         assert path in text, path
     assert "reference_f1_score" in text and "eval_perplexity" in text

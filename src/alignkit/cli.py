@@ -15,6 +15,9 @@ TOOLS = {
     "rejection-sampling": "alignkit.rejection_sampling",
     "evaluate": "alignkit.evaluate",
     "mtbench": "alignkit.mtbench",
+    "lmeval": "alignkit.lmeval",
+    "alpacaeval": "alignkit.alpacaeval",
+    "launch": "alignkit.launch",
     "report": "alignkit.report",
 }
 
@@ -38,6 +41,31 @@ def stage_of(path: str) -> str | None:
     return None
 
 
+def is_accelerate_config(path: str) -> bool:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "distributed_type" in data
+
+
+def check_accelerate_config(path: str) -> bool:
+    """An accelerate config (recipes/accelerate/*.yaml) is read with accelerate's own loader."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    try:
+        config = ClusterConfig.from_yaml_file(path)
+    except (ValueError, TypeError, KeyError) as e:
+        print(f"FAIL {path}: not a valid accelerate config: {e}")
+        return False
+    zero = (config.deepspeed_config or {}).get("zero_stage")
+    print(f"ok   {path}: accelerate {config.distributed_type.value}" + (f", ZeRO-{zero}" if zero else ""))
+    return True
+
+
 def check(argv: list[str]) -> int:
     """Validate recipes: parse, resolve every key, cross-field checks. Nothing is loaded or trained."""
     from .config import RecipeError
@@ -51,6 +79,9 @@ def check(argv: list[str]) -> int:
         return 2
     failed = 0
     for path in argv:
+        if is_accelerate_config(path):
+            failed += not check_accelerate_config(path)
+            continue
         stage = stage_override or stage_of(path)
         if stage not in STAGES:
             print(f"FAIL {path}: cannot tell the stage; name it <stage>*.yaml ({', '.join(STAGES)}) or pass --stage")

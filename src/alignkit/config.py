@@ -73,6 +73,20 @@ class AlignkitArguments:
     requires_gpu: bool = field(
         default=False, metadata={"help": "Refuse to run (before loading anything) on a machine without a CUDA GPU."}
     )
+    prepare_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Validate the recipe, read and check every data row, fetch tokenizer and hub data into the cache "
+            "(and pack CPT blocks), then stop before loading weights: the CPU step before a GPU job (slurm/)."
+        },
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sequences per optimiser step over all processes. gradient_accumulation_steps is derived at "
+            "launch as global / (world size x per_device_train_batch_size), so 1, 8 or 16 GPUs optimise alike."
+        },
+    )
     cache_dir: str = field(
         default="build/cache", metadata={"help": "Where tokenised, packed data is cached between runs (CPT)."}
     )
@@ -260,8 +274,29 @@ def validate(recipe: Recipe, *, for_check: bool, has_cuda: bool, stage_check=Non
         if x.requires_gpu or t.bf16 or t.fp16:
             which = "requires_gpu" if x.requires_gpu else ("bf16" if t.bf16 else "fp16")
             fail(f"this recipe needs a CUDA GPU ({which}: true) and this machine has none; nothing was loaded")
+    if x.global_batch_size is not None:
+        derive_accumulation(recipe, world_size(), fail)
     if stage_check is not None:
         stage_check(recipe, fail)
+
+
+def world_size() -> int:
+    """Processes in this run, as torchrun / accelerate launch / srun export it (1 when launched plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def derive_accumulation(recipe: Recipe, world: int, fail) -> None:
+    """gradient_accumulation_steps = global_batch_size / (world × per-device batch), or a clear error."""
+    t, global_batch = recipe.train, recipe.extras.global_batch_size
+    per_step = world * t.per_device_train_batch_size
+    if global_batch <= 0 or global_batch % per_step:
+        fail(f"global_batch_size {global_batch} is not divisible by world size {world} × "
+             f"per_device_train_batch_size {t.per_device_train_batch_size} = {per_step}; change one of them")
+    derived = global_batch // per_step
+    if "gradient_accumulation_steps" in recipe.explicit_keys and t.gradient_accumulation_steps != derived:
+        fail(f"gradient_accumulation_steps {t.gradient_accumulation_steps} contradicts global_batch_size "
+             f"{global_batch} at world size {world} (which gives {derived}); set only global_batch_size")
+    t.gradient_accumulation_steps = derived
 
 
 def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:

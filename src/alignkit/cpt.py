@@ -18,7 +18,7 @@ import math
 import os
 
 from .data import TEXT
-from .stage import StageSpec, finish, make_trainer, run_cli, train_and_evaluate
+from .stage import StageSpec, finish, make_trainer, prepared, run_cli, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ def train(argv: list[str]) -> dict:
     tokenizer = load_tokenizer(recipe, require_chat_template=False)
     train_ds, train_pack = packed_dataset(train_rows, tokenizer, block, recipe.extras.cache_dir, "train")
     eval_ds, eval_pack = packed_dataset(eval_rows, tokenizer, block, recipe.extras.cache_dir, "eval")
+    if recipe.extras.prepare_only:
+        return prepared("cpt", data_report, train_blocks=train_pack["blocks"], eval_blocks=eval_pack["blocks"])
 
     # 3-4. Model and trainer (pre-tokenised blocks: the trainer neither re-tokenises nor pads).
     model = load_model(recipe, tokenizer)

@@ -43,8 +43,8 @@ def completion_logps(model, tokenizer, prompts: list[list[dict]], completions: l
     for b in range(0, len(seqs), batch_size):
         batch = seqs[b : b + batch_size]
         width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
-        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch]).to(model.device)
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch]).to(model.device)
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
         logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)

@@ -19,7 +19,10 @@ def load_for_inference(model_path: str, adapter_path: str | None = None, chat_te
     tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    # bf16 on a GPU (a 33B model in fp32 does not fit one), fp32 on a CPU (no bf16 units: 10x slower there).
+    on_gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if on_gpu else torch.float32,
+                                                 device_map="auto" if on_gpu else None)
     if adapter_path:
         from peft import PeftModel
 
@@ -48,7 +51,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     for b in tqdm(range(0, len(order), batch_size), desc=desc or "generating", unit="batch",
                   disable=desc is None and len(order) <= batch_size):
         idx = order[b : b + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -145,29 +145,44 @@ def _drop_gguf_quantizer(model) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(final_dir: str):
+def atomic_output(final_dir: str, *, main: bool = True, barrier=None):
     """Yield a temporary sibling directory; rename it to `final_dir` only if the block finishes.
 
     A crash (or kill) leaves at most a `.<name>.tmp-*` directory, never a half-written `final_dir`
-    that DVC would take as complete.
+    that DVC would take as complete. In a multi-process run pass `barrier` (every rank calls this, since
+    ZeRO-3 gathers the weights from all ranks to save them): the ranks share one temporary directory, the
+    main process creates and renames it.
     """
     final_dir = os.path.abspath(final_dir)
     parent, name = os.path.split(final_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    if barrier is None:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    else:
+        tmp = os.path.join(parent, f".{name}.tmp-shared")
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if os.path.exists(final_dir):
-        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-        os.rename(final_dir, os.path.join(old, name))
-    os.rename(tmp, final_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    if barrier is not None:
+        barrier()  # every rank has written its part
+    if main:
+        old = None
+        if os.path.exists(final_dir):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rename(final_dir, os.path.join(old, name))
+        os.rename(tmp, final_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    if barrier is not None:
+        barrier()
 
 
 def normalize_saved_configs(out_dir: str) -> None:
@@ -200,11 +215,15 @@ def _drop_run_flags(data: dict) -> None:
 def save_trained(trainer, tokenizer, out_dir: str, merge: bool) -> None:
     """Save the model (or adapter) as safetensors plus the tokenizer; optionally a merged copy under merged/."""
     model = trainer.model
+    main = trainer.args.should_save  # the main process; trainer.save_model is called on every rank (ZeRO-3)
     if hasattr(model, "peft_config") and len(model.peft_config) > 1:
         # DPO from an SFT adapter adds a frozen "ref" copy of it; only the trained adapter is the result.
-        model.save_pretrained(out_dir, selected_adapters=["default"])
+        if main:
+            model.save_pretrained(out_dir, selected_adapters=["default"])
     else:
         trainer.save_model(out_dir)  # safetensors (transformers 5 always saves safetensors)
+    if not main:
+        return
     tokenizer.save_pretrained(out_dir)
     normalize_saved_configs(out_dir)
     if merge:

@@ -54,8 +54,58 @@ def mtbench_lines(mt: dict) -> list[str]:
     return lines
 
 
+def bar(value, top: float, width: int = 20) -> str:
+    """A text bar (the report is plain markdown; `dvc plots show` draws the real plot)."""
+    return "" if value is None or top <= 0 else "█" * max(0, round(width * value / top))
+
+
+def mtbench_bars(mt: dict) -> list[str]:
+    models = list(mt["models"])
+    cats = sorted({c for m in mt["models"].values() for c in m["categories"]})
+    lines = ["", "Per category (`dvc plots show metrics/mtbench_categories.csv`):", "", "```"]
+    for c in cats:
+        for m in models:
+            v = mt["models"][m]["categories"].get(c)
+            lines.append(f"{c[:12]:<12} {m[:6]:<6} {bar(v, 10.0)} {_cell(v)}")
+    return lines + ["```"]
+
+
+def lmeval_lines(lm: dict) -> list[str]:
+    """One row per (task, metric), one column per model; stderr beside the score."""
+    models = list(lm["models"])
+    h = lm["harness"]
+    lines = ["", f"## lm-eval ({h['tasks']}, lm-eval {h['lm_eval']}"
+                 + (", chat template" if h.get("apply_chat_template") else "") + ")", "",
+             "| task | metric | shots | " + " | ".join(models) + " |", "|---|---|---|" + "---|" * len(models)]
+    tasks = sorted({t for m in lm["models"].values() for t in m})
+    for task in tasks:
+        metrics = sorted({k for m in lm["models"].values() for k in m.get(task, {}) if "_stderr" not in k})
+        for metric in metrics:
+            stderr = metric.replace(",", "_stderr,", 1)
+            cells = []
+            for m in models:
+                row = lm["models"][m].get(task, {})
+                cells.append(_cell(row.get(metric)) + (f" ± {row[stderr]:.3f}" if row.get(stderr) is not None else ""))
+            shots = h.get("tasks_run", {}).get(task, {}).get("n_shot")
+            lines.append(f"| {task} | {metric.split(',')[0]} | {_cell(shots)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def alpacaeval_lines(ae: dict) -> list[str]:
+    lines = ["", f"## AlpacaEval ({ae['n_instructions']} instructions, reference: {ae['reference']})", ""]
+    if ae.get("skipped"):
+        return lines + [f"Judging skipped: {ae['skipped']}. Answers are in the stage's outputs, ready to annotate."]
+    lines += ["| model | win rate | length-controlled win rate | wins | draws | total |", "|---|---|---|---|---|---|"]
+    for name, r in ae["models"].items():
+        lines.append(f"| {name} | {_cell(r.get('win_rate'))} | {_cell(r.get('length_controlled_winrate'))} | "
+                     f"{_cell(r.get('n_wins'))} | {_cell(r.get('n_draws'))} | {_cell(r.get('n_total'))} |")
+    judge = ae["annotator"]
+    return lines + ["", f"Annotator: {judge['config']} ({judge.get('model') or 'its default model'})."]
+
+
 def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: int,
-           title: str = "smol pipeline report", intro: str = DEFAULT_INTRO, mtbench: dict | None = None) -> str:
+           title: str = "smol pipeline report", intro: str = DEFAULT_INTRO, mtbench: dict | None = None,
+           lmeval: dict | None = None, alpacaeval: dict | None = None) -> str:
     models = list(evaluation)
     lines = [f"# {title}", "", intro, "",
              "## Evaluation", "", "| metric | " + " | ".join(models) + " |",
@@ -75,7 +125,11 @@ def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: 
                 lines += ["", f"{name}: held-out perplexity {_cell(m['eval_perplexity_before'])} before → "
                               f"{_cell(m['eval_perplexity'])} after training."]
     if mtbench:
-        lines += mtbench_lines(mtbench)
+        lines += mtbench_lines(mtbench) + mtbench_bars(mtbench)
+    if lmeval:
+        lines += lmeval_lines(lmeval)
+    if alpacaeval:
+        lines += alpacaeval_lines(alpacaeval)
     # The most instructive examples: where the models disagree with each other.
     changed = [g for g in generations if len({g[m] for m in models}) > 1] or generations
     lines += ["", f"## Generations (first {min(n_examples, len(changed))} held-out prompts where the models differ)",
@@ -94,10 +148,13 @@ def run(argv: list[str]) -> int:
     p.add_argument("--examples", type=int, default=6)
     p.add_argument("--title", default="smol pipeline report")
     p.add_argument("--mtbench", default=None, help="metrics of the mtbench stage")
+    p.add_argument("--lmeval", default=None, help="metrics of the lmeval stage")
+    p.add_argument("--alpacaeval", default=None, help="metrics of the alpacaeval stage")
     p.add_argument("--intro", default=DEFAULT_INTRO)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    for path in [args.evaluate, args.generations, *args.stages, *([args.mtbench] if args.mtbench else [])]:
+    optional = [x for x in (args.mtbench, args.lmeval, args.alpacaeval) if x]
+    for path in [args.evaluate, args.generations, *args.stages, *optional]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"report input not found: {path}")
     with open(args.evaluate) as f:
@@ -108,8 +165,9 @@ def run(argv: list[str]) -> int:
             stages[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
     with open(args.generations) as f:
         generations = [json.loads(line) for line in f if line.strip()]
-    mt = json.load(open(args.mtbench)) if args.mtbench else None
-    text = render(evaluation, stages, generations, args.examples, args.title, args.intro, mt)
+    extra = {key: json.load(open(getattr(args, key))) if getattr(args, key) else None
+             for key in ("mtbench", "lmeval", "alpacaeval")}
+    text = render(evaluation, stages, generations, args.examples, args.title, args.intro, **extra)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         f.write(text)

@@ -105,6 +105,8 @@ class StageSpec:
             recipe, self.data_kind, auto_class=auto_class, check_tokenizer=self.check_tokenizer,
             model_kwargs=self.model_kwargs,
         )
+        if model is None:
+            return prepared(self.name, data_report)
         trainer = make_trainer(import_object(self.trainer), recipe, model, tokenizer, train_ds, eval_ds,  # 4
                                lora_task_type=self.lora_task_type)
         metrics, evaluation = train_and_evaluate(trainer, data_report)  # 5
@@ -141,6 +143,8 @@ def load_inputs(recipe: Recipe, kind: str, *, auto_class=None, check_tokenizer=N
     tokenizer = load_tokenizer(recipe)
     if check_tokenizer is not None:
         check_tokenizer(recipe, tokenizer)
+    if recipe.extras.prepare_only:
+        return train_ds, eval_ds, report, tokenizer, None
     model = load_model(recipe, tokenizer, auto_class=auto_class, **(model_kwargs or {}))
     return train_ds, eval_ds, report, tokenizer, model
 
@@ -159,6 +163,14 @@ def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_d
     )
 
 
+def prepared(stage: str, data_report, **extra) -> dict:
+    """What a `prepare_only` run reports: the data checked and cached, no weights loaded."""
+    metrics = {"prepared": True, **data_report.as_metrics("data"), **extra}
+    logger.info("%s prepare_only: data and tokenizer checked and cached, nothing trained: %s", stage,
+                json.dumps(metrics))
+    return metrics
+
+
 def train_and_evaluate(trainer, data_report) -> tuple[dict, dict]:
     """Train, then evaluate on the held-out split. Returns (the metrics every stage reports, raw eval metrics)."""
     start = time.time()
@@ -172,6 +184,8 @@ def train_and_evaluate(trainer, data_report) -> tuple[dict, dict]:
         "train_loss": result.training_loss,
         "eval_loss": evaluation["eval_loss"],
         "train_steps": result.global_step,
+        "world_size": trainer.args.world_size,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "train_rows": len(trainer.train_dataset),
         "eval_rows": len(trainer.eval_dataset),
         **data_report.as_metrics("data"),
@@ -196,8 +210,12 @@ def finish(stage: str, recipe: Recipe, trainer, tokenizer, metrics: dict) -> dic
 
     out_dir = recipe.train.output_dir
     metrics = round_floats(dict(sorted(metrics.items())))
-    with atomic_output(out_dir) as tmp:
+    main = trainer.args.should_save
+    barrier = trainer.accelerator.wait_for_everyone if trainer.args.world_size > 1 else None
+    with atomic_output(out_dir, main=main, barrier=barrier) as tmp:
         save_trained(trainer, tokenizer, tmp, merge=recipe.extras.merge_adapter)
+        if not main:
+            return metrics
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         write_log_csv(trainer.state.log_history, os.path.join(tmp, "train_log.csv"))
@@ -230,19 +248,21 @@ def model_card(stage: str, recipe: Recipe, metrics: dict, is_adapter: bool) -> s
         method = "full fine-tuning"
     batch = f"{t.per_device_train_batch_size} per device × {t.gradient_accumulation_steps} accumulation"
     length = "max_steps " + str(t.max_steps) if t.max_steps and t.max_steps > 0 else f"{t.num_train_epochs} epoch(s)"
+    scheduler = getattr(t.lr_scheduler_type, "value", t.lr_scheduler_type)
     rows = [("stage", f"`{stage}`"), ("base model", f"`{base}`"),
             ("starting adapter", f"`{x.adapter_path}`" if x.adapter_path else "–"), ("method", method),
             ("training data", ", ".join(f"`{d.get('path')}`" for d in recipe.data.datasets) or "–"),
             ("held-out data", ", ".join(f"`{d.get('path')}`" for d in recipe.data.test_datasets)
              or f"seeded split ({recipe.data.test_split_size})"),
-            ("optimisation", f"lr {t.learning_rate} {getattr(t.lr_scheduler_type, 'value', t.lr_scheduler_type)}, warmup {t.warmup_steps}, {length}, "
+            ("optimisation", f"lr {t.learning_rate} {scheduler}, warmup {t.warmup_steps}, {length}, "
                              f"batch {batch}, seed {t.seed}")]
     for key in ("beta", "loss_type", "max_length"):
         if getattr(t, key, None) is not None:
             rows.append((key, f"{getattr(t, key)}"))
     library = "peft" if is_adapter else "transformers"
+    title = f"# {os.path.basename(os.path.normpath(t.output_dir))} — alignkit `{stage}`"
     lines = ["---", f"library_name: {library}", f"base_model: {m.model_name_or_path}", "tags:", "- alignkit",
-             f"- {stage}", "---", "", f"# {os.path.basename(os.path.normpath(t.output_dir))} — alignkit `{stage}`", "",
+             f"- {stage}", "---", "", title, "",
              f"Made by `python -m alignkit.{stage} --config {recipe.path}`; the full resolved recipe is `config.yaml` "
              "beside this file, the loss curve `train_log.csv`.", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
