@@ -104,7 +104,17 @@ def run(argv: list[str]) -> int:
     print(" ".join(cmd), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(cmd)
+    return run_forwarding_signals(cmd)
+
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run the launcher; SIGUSR1/SIGTERM (Slurm's warning before preemption or the time limit) go on to it."""
+    import signal
+
+    child = subprocess.Popen(cmd)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+    return child.wait()
 
 
 def main(argv=None) -> int:

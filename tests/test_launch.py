@@ -1,0 +1,42 @@
+"""`alignkit launch`: refuses before loading anything, derives the launch for multi-node jobs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from alignkit import launch
+from alignkit.config import RecipeError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_recipe_is_refused_on_a_machine_without_gpus(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for recipe in ("recipes/zephyr-7b-beta/dpo.yaml", "recipes/anima-33b/dpo.yaml"):
+        assert launch.main([recipe.split("/")[-1].split(".")[0], "--config", recipe]) == 2
+        err = capsys.readouterr().err
+        assert "needs CUDA GPUs and this machine has none; nothing was loaded" in err and recipe in err
+    assert launch.main(["--preflight", "recipes/zephyr-7b-beta/sft.yaml"]) == 2
+
+
+def test_preflight_derives_accumulation_and_refuses_indivisible_world_sizes(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for world, accumulation in ((1, 8), (8, 1)):
+        recipe = launch.preflight("sft", "recipes/zephyr-7b-beta/sft.yaml", [], world=world, gpus=8)
+        assert recipe.train.gradient_accumulation_steps == accumulation  # global 128 = 16 per device x ...
+    with pytest.raises(RecipeError, match="global_batch_size 128 is not divisible by world size 3"):
+        launch.preflight("sft", "recipes/zephyr-7b-beta/sft.yaml", [], world=3, gpus=3)
+    # the anima recipe: 1 per device x 16 accumulation on one GPU, 2 on 8
+    assert launch.preflight("dpo", "recipes/anima-33b/dpo.yaml", [], world=8, gpus=8) \
+        .train.gradient_accumulation_steps == 2
+
+
+def test_multi_node_command_carries_rank_and_rendezvous():
+    cmd = launch.accelerate_command("dpo", "r.yaml", ["--beta", "0.2"], config="recipes/accelerate/zero3.yaml",
+                                    world=16, machines=2, rank=1, address="node-a", port=29612)
+    i = cmd.index("launch")
+    assert cmd[i + 1:] == ["--config_file", "recipes/accelerate/zero3.yaml", "--num_processes", "16",
+                           "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "node-a",
+                           "--main_process_port", "29612", "-m", "alignkit.dpo", "--config", "r.yaml", "--beta", "0.2"]
