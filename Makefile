@@ -1,7 +1,7 @@
 # alignkit — the two commands: `make demo` (the smol pipeline end to end) and `make test` (the suite).
 SHELL := /bin/bash
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.alignkit-installed
 # Nothing here needs the network at run time: models and data come from installed packages and the repo.
@@ -15,7 +15,7 @@ export DS_BUILD_OPS ?= 0
 # Stage commands in dvc.yaml call `python`: the venv's, whether or not it is activated.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: demo demo-rs demo-gpt2-nl test test-fast venv lock bench clean help
+.PHONY: demo demo-rs demo-gpt2-nl test test-fast venv lock bench clean help train-zephyr train-anima train-gpt2-nl docker-build
 
 help:
 	@echo "make demo   - create .venv, materialise SmolLM2, run the smol pipeline (dvc repro), print results"
@@ -23,6 +23,8 @@ help:
 	@echo "make demo-rs       - the smol pipeline's rejection-sampling variant (pipelines/smol-rs)"
 	@echo "make demo-gpt2-nl  - the gpt2-nl CPU twin: Dutch CPT → SFT → DPO (pipelines/gpt2-nl)"
 	@echo "make bench  - time the whole smol pipeline from scratch (bench/smol_pipeline.sh)"
+	@echo "make train-zephyr | train-anima | train-gpt2-nl - the GPU pipelines on this machine's GPUs"
+	@echo "make docker-build - the CUDA container (Dockerfile)"
 
 venv: $(STAMP)
 
@@ -49,6 +51,25 @@ demo-rs: $(STAMP)
 demo-gpt2-nl: $(STAMP)
 	$(RUN) $(BIN)/dvc repro pipelines/gpt2-nl/dvc.yaml
 	@echo; echo "report: reports/gpt2-nl-twin.md   metrics: metrics/gpt2-nl-twin/"
+
+# GPU pipelines: `alignkit launch --preflight` refuses in a second, before anything loads, on a machine without
+# the GPUs the recipes need or when a global batch does not divide over them; then DVC runs the stages, each
+# through `alignkit launch` (accelerate on every GPU here). Multi-node: sbatch slurm/<stage>.sh (README).
+train-zephyr: $(STAMP)
+	$(RUN) $(BIN)/python -m alignkit.launch --preflight recipes/zephyr-7b-beta/sft.yaml recipes/zephyr-7b-beta/dpo.yaml
+	$(RUN) $(BIN)/dvc repro pipelines/zephyr-7b-beta/dvc.yaml
+
+train-anima: $(STAMP)
+	$(RUN) $(BIN)/python -m alignkit.launch --preflight recipes/anima-33b/dpo.yaml
+	$(RUN) $(BIN)/dvc repro pipelines/anima-33b/dvc.yaml
+
+train-gpt2-nl: $(STAMP)
+	$(RUN) $(BIN)/python -m alignkit.launch --preflight recipes/gpt2-nl/cpt.yaml recipes/gpt2-nl/sft.yaml recipes/gpt2-nl/dpo.yaml
+	$(RUN) $(BIN)/dvc exp run pipelines/gpt2-nl/dvc.yaml -S 'pipelines/gpt2-nl/params.yaml:variant=gpt2-nl' \
+	  -S 'pipelines/gpt2-nl/params.yaml:base=build/models/gpt2-nl/cpt' -S 'pipelines/gpt2-nl/params.yaml:chat_template=zephyr'
+
+docker-build:
+	docker build -t alignkit:$$(git rev-parse --short HEAD) -t alignkit:latest .
 
 test: $(STAMP)
 	$(RUN) $(BIN)/python -m pytest -q

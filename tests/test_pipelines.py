@@ -4,6 +4,7 @@ and the smol data builders reproduce the committed files byte for byte."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -80,3 +81,22 @@ def test_dvc_accepts_the_committed_metrics_and_plots(tmp_path):
     assert plots.returncode == 0, plots.stderr
     for path in ("metrics/sft_log.csv", "metrics/dpo_log.csv", "metrics/mtbench_categories.csv"):
         assert path in plots.stdout, path
+
+
+def test_anima_questions_from_belle_format(tmp_path):
+    belle = tmp_path / "eval_set.json"
+    belle.write_text(json.dumps([
+        {"question": "1+1=?", "std_answer": "2", "class": "math"},
+        {"question": "写一首诗", "std_answer": "", "class": "generation"},  # no reference: no pair possible
+        {"question": "Capital of France?", "std_answer": "Paris.", "class": "open qa"}], ensure_ascii=False))
+    out = tmp_path / "q.jsonl"
+    script = os.path.join(ROOT, "data", "anima", "questions.py")
+    done = subprocess.run([sys.executable, script, "--in", str(belle), "--out", str(out)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "2 questions with references, 1 without" in done.stdout
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0] == {"prompt": "1+1=?", "completion": "2", "category": "math"} and len(rows) == 2
+    belle.write_text(json.dumps([{"question": "ok", "std_answer": "ok"}, {"std_answer": "no question"}]))
+    done = subprocess.run([sys.executable, script, "--in", str(belle), "--out", str(out)], capture_output=True,
+                          text=True)
+    assert done.returncode != 0 and "eval_set.json: row 2: field 'question': missing or empty" in done.stderr
