@@ -1,6 +1,6 @@
 """Questions with reference answers → prompt/completion jsonl for `alignkit pairs` (Anima's DPO data recipe).
 
-    python data/anima/questions.py --in external/belle_eval_set.json --out build/data/anima/questions.jsonl
+    python data/anima/questions.py --in external/belle_eval_set.json --out build/anima-33b/data/questions.jsonl
 
 Accepts Belle's evaluation set (a JSON list, or jsonl, of {question, std_answer, class}) and rows that already
 have prompt/completion. Rows without a reference answer cannot make a pair and are skipped (counted); a row

@@ -70,9 +70,9 @@ def mtbench_bars(mt: dict) -> list[str]:
     return lines + ["```"]
 
 
-def lmeval_lines(lm: dict) -> list[str]:
-    """One row per (task, metric), one column per model; stderr beside the score."""
-    models = list(lm["models"])
+def lmeval_lines(lm: dict, order: list[str] | None = None) -> list[str]:
+    """One row per (task, metric), one column per model (in the report's model order); stderr beside the score."""
+    models = [m for m in (order or []) if m in lm["models"]] + [m for m in lm["models"] if m not in (order or [])]
     h = lm["harness"]
     lines = ["", f"## lm-eval ({h['tasks']}, lm-eval {h['lm_eval']}"
                  + (", chat template" if h.get("apply_chat_template") else "") + ")", "",
@@ -127,7 +127,7 @@ def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: 
     if mtbench:
         lines += mtbench_lines(mtbench) + mtbench_bars(mtbench)
     if lmeval:
-        lines += lmeval_lines(lmeval)
+        lines += lmeval_lines(lmeval, models)
     if alpacaeval:
         lines += alpacaeval_lines(alpacaeval)
     # The most instructive examples: where the models disagree with each other.
