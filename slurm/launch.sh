@@ -33,4 +33,12 @@ on_usr1() {
   exit 0
 }
 trap on_usr1 USR1
-wait "$STEP"
+status=0
+wait "$STEP" || status=$?
+# 75: the stage saved a checkpoint after SIGTERM/SIGUSR1 (alignkit.reliability.REQUEUE_EXIT) — run it again.
+if [ "$status" -eq 75 ]; then
+  echo "alignkit $STAGE: checkpointed after a signal; requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"

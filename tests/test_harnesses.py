@@ -104,6 +104,9 @@ def test_lmeval_stage_on_the_tiny_model_is_reproducible(tiny_model, tmp_path):
     rows = [json.loads(x) for x in (samples / "base" / "smol_qa.jsonl").read_text().splitlines()]
     assert [r["doc_id"] for r in rows] == list(range(6))
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # written atomically
+    manifest = json.loads((samples / "manifest.json").read_text())
+    assert manifest["stage"] == "lmeval" and manifest["judge"]["harness"]["lm_eval"] == "0.4.13"
+    assert manifest["inputs"]["tasks"]["sha256"] and manifest["inputs"]["base"]["sha256"]
     out2, samples2 = run("b")
     assert out2.read_bytes() == out.read_bytes()
     assert (samples2 / "base" / "smol_mc.jsonl").read_bytes() == (samples / "base" / "smol_mc.jsonl").read_bytes()
@@ -123,6 +126,8 @@ def test_alpacaeval_without_annotator_writes_answers_and_skips(tiny_model, tmp_p
     outputs = json.loads((tmp_path / "out" / "outputs" / "merged.json").read_text())
     assert [o["instruction"] for o in outputs] == ["Say hello.", "Name a color."]
     assert {o["generator"] for o in outputs} == {"merged"}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["stage"] == "alpacaeval" and manifest["inputs"]["instructions"]["path"] == str(instructions)
 
 
 def test_alpacaeval_bad_inputs_are_one_line_errors(tiny_model, tmp_path, capsys):

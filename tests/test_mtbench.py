@@ -80,6 +80,8 @@ def test_openai_judge_through_the_stand_in_server_with_pairwise(tmp_path, tiny_m
             "--judge_url", server.url, "--judge_model", "stand-in", "--judge_key_env", "STANDIN_KEY",
             "--pairwise", "sft:base")
         assert len(server.requests) == n  # every judgment came from the cache
+        manifest = json.loads((tmp_path / "mt" / "manifest.json").read_text())
+        assert manifest["judge"] == m["judge"] and manifest["config"]["judge_key_env"] == "<redacted>"
         for f in (tmp_path / "mt").rglob("*"):
             if f.is_file():
                 assert "sk-standin-secret" not in f.read_text()

@@ -193,6 +193,11 @@ def run(argv: list[str]) -> int:
                            url=args.annotator_url, key_env=args.annotator_key_env,
                            cache_dir=os.path.join(args.out_dir, "annotations"))
             for name, rows in outputs.items() if name != args.reference}
+    from .reliability import manifest, write_manifest
+
+    write_manifest(args.out_dir, manifest("alpacaeval", inputs={"base": args.base, **models,
+                                                                "instructions": args.instructions},
+                                          config=vars(args), seed=args.seed, judge=metrics["annotator"]))
     os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)
     with open(args.metrics, "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)

@@ -60,6 +60,9 @@ def materialize(source: str, out_dir: str, *, trust_remote_code: bool = False) -
         }
         with open(os.path.join(tmp, "alignkit_source.json"), "w") as f:
             json.dump({k: v for k, v in info.items() if k != "seconds"}, f, indent=2, sort_keys=True)
+        from .reliability import manifest, write_manifest
+
+        write_manifest(tmp, manifest("base_model", inputs={"source": path}, tokenizer=tokenizer))
     return info
 
 

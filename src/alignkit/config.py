@@ -13,6 +13,7 @@ cross-field checks. `alignkit check` calls exactly this path.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
@@ -111,6 +112,7 @@ class Recipe:
     explicit_keys: set[str]
     notes: list[str]
     half_precision: set[str] = field(default_factory=set)  # {"bf16", "fp16"} as asked by YAML/CLI
+    output_dir: str = ""  # where the final output goes (the Trainer's own output_dir holds the checkpoints)
 
     def asks(self, precision: str) -> bool:
         """Whether the recipe asks for bf16/fp16, even when `alignkit check` validated it in fp32 on a CPU."""
@@ -138,6 +140,40 @@ def _nearest(key: str, valid: set[str]) -> str:
         words = set(key.lower().replace("-", "_").split("_")) - {""}
         close = sorted(k for k in valid if words & set(k.split("_")))[:3]
     return ", ".join(close) if close else "(none close; see `alignkit check --keys`)"
+
+
+def _check_types(parser, config: dict, argv: list[str], where: str) -> None:
+    """A value of the wrong type names its key, where it came from and what was expected (argparse alone says
+    only that the arguments are invalid; TrainingArguments fails later with a TypeError)."""
+    actions = {a.dest: a for a in parser._actions}
+    given = [(k, v, where) for k, v in config.items()]
+    for i, a in enumerate(argv):
+        if a.startswith("--"):
+            key, eq, value = a[2:].partition("=")
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+            given.append((key, value if (eq or value) else None, "command line"))
+    for key, value, source in given:
+        action = actions.get(key)
+        if (action is None or value is None or not callable(action.type) or isinstance(value, (list, dict))
+                or action.type in (dict, list)):
+            continue
+        if isinstance(value, bool) and action.type in (int, float):
+            ok = False
+        else:
+            try:
+                converted = action.type(str(value).lower() if isinstance(value, bool) else str(value))
+                ok = action.choices is None or converted in action.choices or str(converted) in map(str, action.choices)
+            except (TypeError, ValueError, AttributeError, argparse.ArgumentTypeError):
+                ok = False
+        if not ok:
+            expected = getattr(action.type, "__name__", str(action.type))
+            if expected == "string_to_bool":
+                expected = "true or false"
+            elif expected == "<lambda>":
+                expected = "a choice"
+            choices = f" (one of: {', '.join(map(str, action.choices))})" if action.choices else ""
+            raise RecipeError(f"{source}: {key}: {value!r} is not a valid value; expected {expected}{choices}")
 
 
 def _cli_keys(argv: list[str]) -> list[str]:
@@ -177,6 +213,8 @@ def load_recipe(
 
     config: dict[str, Any] = {}
     if config_path is not None:
+        if os.path.isdir(config_path):
+            raise RecipeError(f"{config_path} is a directory, not a recipe file (e.g. {config_path.rstrip('/')}/sft.yaml)")
         if not os.path.isfile(config_path):
             raise RecipeError(f"recipe file not found: {config_path}")
         with open(config_path) as f:
@@ -217,9 +255,13 @@ def load_recipe(
     defaults.setdefault("gradient_checkpointing", has_cuda)
     defaults.setdefault("report_to", "none")
     defaults.setdefault("logging_steps", 1)
-    defaults.setdefault("save_strategy", "no")
+    # Checkpoints for resume (beside the output, see reliability.py); the last two survive a crash mid-save.
+    defaults.setdefault("save_strategy", "steps")
+    defaults.setdefault("save_steps", 100)
+    defaults.setdefault("save_total_limit", 2)
 
     parser = TrlParser(classes)
+    _check_types(parser, config, argv, where)
     parser.set_defaults_with_config(**defaults)
     try:
         data, extras, model, train = parser.parse_args_into_dataclasses(args=list(argv))
@@ -228,7 +270,7 @@ def load_recipe(
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: {e}") from e
 
-    recipe = Recipe(config_path, data, model, extras, train, explicit, notes, half)
+    recipe = Recipe(config_path, data, model, extras, train, explicit, notes, half, output_dir=train.output_dir)
     validate(recipe, for_check=for_check, has_cuda=has_cuda, stage_check=stage_check)
     return recipe
 

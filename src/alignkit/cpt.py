@@ -18,7 +18,7 @@ import math
 import os
 
 from .data import TEXT
-from .stage import StageSpec, finish, make_trainer, prepared, run_cli, train_and_evaluate
+from .stage import StageSpec, checkpoints, finish, make_trainer, prepared, run_cli, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def train(argv: list[str]) -> dict:
 
     # 5. Held-out perplexity before, train, perplexity after.
     loss_before = trainer.evaluate()["eval_loss"]
-    metrics, _ = train_and_evaluate(trainer, data_report)
+    metrics, _ = train_and_evaluate(trainer, data_report, resume_from=checkpoints(trainer, recipe))
     metrics.update({
         "eval_perplexity_before": math.exp(loss_before),
         "eval_perplexity": math.exp(metrics["eval_loss"]),

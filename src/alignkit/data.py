@@ -120,6 +120,13 @@ def _read_local_rows(path: str) -> list:
     return data
 
 
+def _has_data_files(path: str) -> bool:
+    for _, _, files in os.walk(path):
+        if any(f.endswith((".jsonl", ".json", ".parquet", ".csv", ".arrow")) for f in files):
+            return True
+    return False
+
+
 def load_source_rows(spec) -> tuple[str, list]:
     """Return (label, raw rows) of one source: a local file/dir or a hub dataset."""
     spec = _spec(spec)
@@ -136,6 +143,9 @@ def load_source_rows(spec) -> tuple[str, list]:
     elif ext in LOCAL_BUILDERS or path.startswith((".", "/")):
         if not os.path.exists(path):
             raise DataError(f"{path}: no such file or directory")
+    if os.path.isdir(path) and not _has_data_files(path):
+        raise DataError(f"{path}: a directory with no data files (.jsonl, .json, .parquet, .csv, or a dataset "
+                        "saved with save_to_disk); give a file, or a directory that holds them")
 
     import datasets
 

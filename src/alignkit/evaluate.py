@@ -129,6 +129,11 @@ def run(argv: list[str]) -> int:
     rows = [{"prompt": p[-1]["content"], "reference": r, **{n: answers_by_model[n][i] for n in answers_by_model}}
             for i, (p, r) in enumerate(zip(prompts, references))]
     write_jsonl(rows, args.generations)
+    from .reliability import manifest, write_manifest
+
+    write_manifest(os.path.dirname(os.path.abspath(args.generations)), manifest(
+        "evaluate", inputs={"base": args.base, **adapters, "questions": args.questions, "pairs": args.pairs},
+        config={k: v for k, v in vars(args).items()}, tokenizer=tokenizer))
     print(json.dumps(metrics))
     return 0
 

@@ -111,10 +111,19 @@ def run_forwarding_signals(cmd: list[str]) -> int:
     """Run the launcher; SIGUSR1/SIGTERM (Slurm's warning before preemption or the time limit) go on to it."""
     import signal
 
-    child = subprocess.Popen(cmd)
+    from .reliability import REQUEUE_EXIT
+
+    child, received = subprocess.Popen(cmd), []
+
+    def forward(signum, frame):
+        received.append(signum)
+        child.send_signal(signum)
+
     for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
-    return child.wait()
+        signal.signal(sig, forward)
+    status = child.wait()
+    # accelerate reports a worker's exit 75 (checkpointed after the signal) as a generic failure
+    return REQUEUE_EXIT if received and status != 0 else status
 
 
 def main(argv=None) -> int:

@@ -174,6 +174,11 @@ def run(argv: list[str]) -> int:
             metrics["harness"].setdefault("tasks_run", {}).update(
                 {t: c for t, c in sorted(extra["configs"].items()) if t in metrics["models"][name]})
             write_samples(tmp, name, extra["samples"])
+        from .reliability import manifest, write_manifest
+
+        write_manifest(tmp, manifest("lmeval", inputs={"base": args.base, **{k: v for k, v in models.items() if v},
+                                                       **({"tasks": args.tasks} if os.path.isdir(args.tasks) else {})},
+                                     config=vars(args), seed=args.seed, judge={"harness": metrics["harness"]}))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)

@@ -37,6 +37,12 @@ def load_tokenizer(recipe, *, require_chat_template: bool = True):
 
     model_args, extras = recipe.model, recipe.extras
     path, kwargs = model_location(model_args.model_name_or_path, extras.gguf_file)
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if os.path.isdir(path) and not kwargs and not any(os.path.exists(os.path.join(path, f)) for f in tokenizer_files):
+        from .config import RecipeError
+
+        raise RecipeError(f"{path} has no tokenizer ({', '.join(tokenizer_files)}); save the tokenizer with the "
+                          "model (tokenizer.save_pretrained) or point model_name_or_path at a directory that has one")
     tokenizer = AutoTokenizer.from_pretrained(
         path, revision=model_args.model_revision, trust_remote_code=trust_remote_code(recipe), **kwargs
     )

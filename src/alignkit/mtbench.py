@@ -211,6 +211,10 @@ def run(argv: list[str]) -> int:
         metrics["pairwise"] = {f"{x}_vs_{y}": pairwise(questions, answers[x], answers[y], judge, prompts, cache, by)}
 
     _write_outputs(args, questions, answers, per_model, metrics)
+    from .reliability import manifest, write_manifest
+
+    write_manifest(args.out_dir, manifest("mtbench", inputs={"base": args.base, **models, "questions": args.questions},
+                                          config=vars(args), seed=args.seed, judge=judge.identity))
     total = sum(m["judgments"] for m in metrics["models"].values())
     bad = sum(m["unparseable"] for m in metrics["models"].values())
     if total and bad / total > args.max_unparseable:

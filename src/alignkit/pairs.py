@@ -60,6 +60,12 @@ def run(argv: list[str]) -> int:
     # Only reproducible numbers go next to the data (a DVC output): timings would change its hash every run.
     with open(os.path.splitext(args.out)[0] + ".stats.json", "w") as f:
         json.dump(counts, f, indent=2, sort_keys=True)
+    from .reliability import manifest, write_manifest
+
+    # the output is a file: its manifest is a sibling, <out>.manifest.json
+    write_manifest(os.path.splitext(args.out)[0] + ".manifest.json", manifest(
+        "pairs", inputs={"model": args.model, "adapter": args.adapter, "questions": args.questions},
+        config={k: v for k, v in vars(args).items()}, seed=args.seed, tokenizer=tokenizer))
     print(json.dumps({**counts, "tokens_per_second": stats["tokens_per_second"]}))
     return 0
 

@@ -178,6 +178,11 @@ def run(argv: list[str]) -> int:
              "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     with open(os.path.join(args.out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2, sort_keys=True)
+    from .reliability import manifest, write_manifest
+
+    write_manifest(args.out, manifest("rejection_sampling", inputs={
+        "policy": args.policy, "reward_model": args.reward_model, "prompts": args.prompts},
+        config={k: v for k, v in vars(args).items() if k != "metrics"}, seed=args.seed))
     run_stats = {**stats, **gen_stats}  # + this run's shards resumed/sampled and tokens/s
     if args.metrics:
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)

@@ -36,18 +36,22 @@ class UsageError(ValueError):
 
 
 # Errors a user can fix from the message alone: printed as one line, exit status 2, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, UsageError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, UsageError, FileNotFoundError, IsADirectoryError)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .judges import JudgeError
+    from .reliability import TrainingDiverged
 
-    return USER_ERRORS + (DataError, JudgeError)
+    return USER_ERRORS + (DataError, JudgeError, TrainingDiverged)
 
 
 def run_cli(stage: str, body, argv) -> int:
-    """Run `body(argv)`; a user error becomes `alignkit <stage>: error: <message>` and exit status 2."""
+    """Run `body(argv)`; a user error becomes `alignkit <stage>: error: <message>` and exit status 2; a
+    preempted run (checkpoint saved after SIGTERM/SIGUSR1) exits with REQUEUE_EXIT."""
+    from .reliability import REQUEUE_EXIT, Preempted
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
@@ -55,6 +59,9 @@ def run_cli(stage: str, body, argv) -> int:
     except user_errors() as e:
         print(f"alignkit {stage}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"alignkit {stage}: {e}", file=sys.stderr)
+        return REQUEUE_EXIT
 
 
 def import_object(path: str):
@@ -109,7 +116,8 @@ class StageSpec:
             return prepared(self.name, data_report)
         trainer = make_trainer(import_object(self.trainer), recipe, model, tokenizer, train_ds, eval_ds,  # 4
                                lora_task_type=self.lora_task_type)
-        metrics, evaluation = train_and_evaluate(trainer, data_report)  # 5
+        resume = checkpoints(trainer, recipe)  # an interrupted identical run's last checkpoint, if any
+        metrics, evaluation = train_and_evaluate(trainer, data_report, resume_from=resume)  # 5
         if self.metrics is not None:
             metrics.update(self.metrics(evaluation))
         return finish(self.name, recipe, trainer, tokenizer, metrics)  # 6
@@ -152,7 +160,11 @@ def load_inputs(recipe: Recipe, kind: str, *, auto_class=None, check_tokenizer=N
 def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_ds, *, lora_task_type="CAUSAL_LM"):
     """A TRL trainer the way every stage builds one: the recipe's args, a new LoRA adapter if `use_peft`."""
     from .models import lora_config
+    from .reliability import make_callbacks
 
+    # The Trainer writes (and creates) its output_dir: point it at this run's checkpoint directory, so that a
+    # killed run never leaves anything at the stage's output path.
+    recipe.train.output_dir = checkpoint_run_dir(recipe)
     return trainer_cls(
         model=model,
         args=recipe.train,
@@ -160,7 +172,41 @@ def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_d
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(recipe.model, lora_task_type),
+        callbacks=make_callbacks(),
     )
+
+
+def recipe_inputs(recipe: Recipe) -> dict[str, str]:
+    """Local files and directories a run reads (hub names are recorded as such): for fingerprints and manifests."""
+    inputs = {"model": recipe.model.model_name_or_path, "adapter": recipe.extras.adapter_path}
+    for kind, specs in (("train", recipe.data.datasets), ("test", recipe.data.test_datasets)):
+        for i, spec in enumerate(specs):
+            inputs[f"{kind}_data_{i}"] = spec.get("path")
+    return {k: v for k, v in inputs.items() if v}
+
+
+def checkpoint_run_dir(recipe: Recipe) -> str:
+    """`.<output>.checkpoints/<fingerprint of recipe and inputs>` beside the stage's output."""
+    from .reliability import checkpoint_root, fingerprint
+
+    resolved = recipe.resolved()
+    resolved["output_dir"] = recipe.output_dir
+    return os.path.join(checkpoint_root(recipe.output_dir),
+                        fingerprint(resolved, list(recipe_inputs(recipe).values())))
+
+
+def checkpoints(trainer, recipe: Recipe) -> str | None:
+    """Check the disk can hold a checkpoint; drop checkpoints of other recipes/inputs. Returns the last complete
+    checkpoint of an interrupted identical run (to resume from), or None."""
+    from .reliability import check_disk, checkpoint_bytes, prepare_checkpoints
+
+    run_dir = trainer.args.output_dir
+    _, resume = prepare_checkpoints(recipe.output_dir, os.path.basename(run_dir), main=trainer.args.should_save)
+    if trainer.args.save_strategy != "no":
+        check_disk(run_dir, checkpoint_bytes(trainer.model, trainer.args.save_only_model), "a checkpoint")
+    if resume:
+        logger.info("resuming from %s", resume)
+    return resume
 
 
 def prepared(stage: str, data_report, **extra) -> dict:
@@ -171,11 +217,19 @@ def prepared(stage: str, data_report, **extra) -> dict:
     return metrics
 
 
-def train_and_evaluate(trainer, data_report) -> tuple[dict, dict]:
-    """Train, then evaluate on the held-out split. Returns (the metrics every stage reports, raw eval metrics)."""
+def train_and_evaluate(trainer, data_report, resume_from: str | None = None) -> tuple[dict, dict]:
+    """Train (resuming from a checkpoint when given), then evaluate on the held-out split.
+    Returns (the metrics every stage reports, raw eval metrics)."""
+    from .reliability import Preempted
+
     start = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - start
+    stopped = [getattr(cb, "stopped_at", None) for cb in trainer.callback_handler.callbacks]
+    if any(s is not None for s in stopped):
+        step = next(s for s in stopped if s is not None)
+        raise Preempted(f"stopped by a signal at step {step}; checkpoint saved in {trainer.args.output_dir}; "
+                        "rerun the stage (or let Slurm requeue it) to resume")
     evaluation = trainer.evaluate()
     # Wall time goes to the log, not the metrics: metrics (and the output directory holding them) must be
     # identical on a rerun, or DVC would see a changed output and retrain everything downstream.
@@ -208,7 +262,9 @@ def finish(stage: str, recipe: Recipe, trainer, tokenizer, metrics: dict) -> dic
     """Save model/adapter, metrics.json, train_log.csv and config.yaml into the output dir, atomically."""
     from .models import atomic_output, save_trained
 
-    out_dir = recipe.train.output_dir
+    from .reliability import manifest, remove_checkpoints, write_manifest
+
+    out_dir = recipe.output_dir
     metrics = round_floats(dict(sorted(metrics.items())))
     main = trainer.args.should_save
     barrier = trainer.accelerator.wait_for_everyone if trainer.args.world_size > 1 else None
@@ -228,6 +284,9 @@ def finish(stage: str, recipe: Recipe, trainer, tokenizer, metrics: dict) -> dic
                 os.remove(os.path.join(tmp, name))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(stage, recipe, metrics, os.path.exists(os.path.join(tmp, "adapter_config.json"))))
+        write_manifest(tmp, manifest(stage, inputs=recipe_inputs(recipe), config=resolved, seed=recipe.train.seed,
+                                     world_size=trainer.args.world_size, tokenizer=tokenizer))
+    remove_checkpoints(out_dir)  # the output is complete: nothing to resume any more
     if recipe.extras.metrics_dir:
         os.makedirs(recipe.extras.metrics_dir, exist_ok=True)
         with open(os.path.join(recipe.extras.metrics_dir, f"{stage}.json"), "w") as f:
@@ -260,7 +319,7 @@ def model_card(stage: str, recipe: Recipe, metrics: dict, is_adapter: bool) -> s
         if getattr(t, key, None) is not None:
             rows.append((key, f"{getattr(t, key)}"))
     library = "peft" if is_adapter else "transformers"
-    title = f"# {os.path.basename(os.path.normpath(t.output_dir))} — alignkit `{stage}`"
+    title = f"# {os.path.basename(os.path.normpath(recipe.output_dir))} — alignkit `{stage}`"
     lines = ["---", f"library_name: {library}", f"base_model: {m.model_name_or_path}", "tags:", "- alignkit",
              f"- {stage}", "---", "", title, "",
              f"Made by `python -m alignkit.{stage} --config {recipe.path}`; the full resolved recipe is `config.yaml` "

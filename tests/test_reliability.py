@@ -1,0 +1,136 @@
+"""Reliability on real training processes: kill -9 at a random checkpoint then rerun == uninterrupted, bit for
+bit; SIGUSR1/SIGTERM → checkpoint + exit 75 (requeue) → rerun resumes; NaN stops with the step and values;
+manifests name what produced an output and hold no secrets; a full disk is refused before training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_recipe
+from safetensors.torch import load_file
+
+from alignkit.reliability import REQUEUE_EXIT, check_disk, checkpoint_root, last_complete_checkpoint
+
+
+def stage_cmd(recipe, out, *extra):
+    return [sys.executable, "-m", "alignkit.sft", "--config", recipe, "--output_dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model, tiny_data):
+    """An uninterrupted 30-step run with a checkpoint every 5 steps."""
+    tmp = tmp_path_factory.mktemp("reliability")
+    recipe = tiny_recipe(tmp, tiny_model, tiny_data, "sft", max_steps=30, save_steps=5, learning_rate=5e-3)
+    done = subprocess.run(stage_cmd(recipe, tmp / "reference"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not os.path.exists(checkpoint_root(str(tmp / "reference")))  # removed once the output is complete
+    return recipe, tmp
+
+
+def same_result(out, ref) -> None:
+    a, b = load_file(os.path.join(out, "adapter_model.safetensors")), load_file(os.path.join(ref, "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "weights differ from the uninterrupted run"
+    ma, mb = (json.load(open(os.path.join(d, "metrics.json"))) for d in (out, ref))
+    assert ma["eval_loss"] == mb["eval_loss"] and ma["train_steps"] == mb["train_steps"] == 30
+    import csv
+
+    # every step's loss, learning rate and gradient norm (TRL's running `num_tokens` counter restarts on resume:
+    # bookkeeping, not training state)
+    log_a, log_b = ([{k: v for k, v in r.items() if k != "num_tokens"} for r in csv.DictReader(open(
+        os.path.join(d, "train_log.csv")))] for d in (out, ref))
+    assert log_a == log_b and len(log_a) == 30
+
+
+def test_kill_9_at_a_random_checkpoint_then_rerun_equals_uninterrupted(reference):
+    recipe, tmp = reference
+    out = tmp / "killed"
+    step = random.choice([5, 10, 15, 20, 25])
+    proc = subprocess.Popen(stage_cmd(recipe, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        marker = last_complete_checkpoint(os.path.join(checkpoint_root(str(out)), os.listdir(checkpoint_root(str(out)))[0])) \
+            if os.path.isdir(checkpoint_root(str(out))) and os.listdir(checkpoint_root(str(out))) else None
+        if marker and int(marker.rsplit("-", 1)[1]) >= step:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run finished before step {step}: make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed stage left an output directory that DVC would take as complete"
+    done = subprocess.run(stage_cmd(recipe, out), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr, f"killed after checkpoint {marker}; the rerun did not resume"
+    same_result(str(out), str(tmp / "reference"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_preemption_signal_checkpoints_exits_for_requeue_and_resumes(reference, sig):
+    recipe, tmp = reference
+    out = tmp / f"preempted-{sig.name}"
+    proc = subprocess.Popen(stage_cmd(recipe, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the Trainer prints each logged step: training is under way
+        if "'loss'" in line:
+            proc.send_signal(sig)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == REQUEUE_EXIT, rest[-2000:]
+    assert "stopped by a signal at step" in rest and not out.exists()
+    runs = os.listdir(checkpoint_root(str(out)))
+    assert last_complete_checkpoint(os.path.join(checkpoint_root(str(out)), runs[0]))
+    done = subprocess.run(stage_cmd(recipe, out), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "resuming from" in done.stderr, done.stderr[-2000:]
+    same_result(str(out), str(tmp / "reference"))
+
+
+def test_nan_stops_training_with_the_step_and_values(tmp_path, tiny_model, tiny_data):
+    recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", max_steps=20, learning_rate=1e12,
+                         max_grad_norm=0.0, use_peft=False)
+    done = subprocess.run(stage_cmd(recipe, tmp_path / "out"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = [x for x in done.stderr.splitlines() if "training diverged" in x][0]
+    assert "alignkit sft: error: training diverged at step " in line
+    assert re.search(r"(loss|grad_norm)=(nan|inf)", line) and "learning_rate=" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_names_code_inputs_and_config_and_no_secret_leaks(tmp_path, tiny_model, tiny_data):
+    secrets = {"HF_TOKEN": "hf_fakeSecretToken123", "OPENAI_API_KEY": "sk-fakeSecretKey456"}
+    recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", max_steps=2)
+    env = {**os.environ, **secrets}
+    done = subprocess.run(stage_cmd(recipe, tmp_path / "out", "--hub_token", "hf_fakeSecretOnCommandLine789"),
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert m["stage"] == "sft" and m["seed"] == 7 and m["world_size"] == 1
+    assert len(m["git"]["sha"]) == 40 and isinstance(m["git"]["dirty"], bool)
+    assert m["lock_sha256"] == hashlib.sha256(
+        f"cpu.lock\0{hashlib.sha256(open('requirements/cpu.lock', 'rb').read()).hexdigest()}\n".encode()).hexdigest()
+    data = tiny_data["sft_train"]
+    expect = hashlib.sha256(f"{os.path.basename(data)}\0{hashlib.sha256(open(data, 'rb').read()).hexdigest()}\n"
+                            .encode()).hexdigest()
+    assert m["inputs"]["train_data_0"] == {"path": data, "sha256": expect}
+    assert m["inputs"]["model"]["sha256"] and m["tokenizer_sha256"] and m["chat_template_sha256"]
+    assert m["config"]["learning_rate"] == 1e-3 and m["libraries"]["torch"].startswith("2.13.0")
+    leaked = [str(p) for p in (tmp_path / "out").rglob("*") if p.is_file()
+              and any(s.encode() in p.read_bytes() for s in [*secrets.values(), "hf_fakeSecretOnCommandLine789"])]
+    assert not leaked
+    for s in [*secrets.values(), "hf_fakeSecretOnCommandLine789"]:
+        assert s not in done.stdout and s not in done.stderr
+
+
+def test_too_little_disk_for_a_checkpoint_is_refused_before_training(tmp_path):
+    from alignkit.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"a checkpoint needs about .* GiB at .*, but only .* GiB is free there"):
+        check_disk(str(tmp_path / "ckpt"), 10 ** 18, "a checkpoint")
+    check_disk(str(tmp_path / "ckpt"), 1024, "a checkpoint")
