@@ -12,6 +12,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/home/alignkit/.cache/huggingface \
+    ALIGNKIT_BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04@sha256:ad6d59a3bbf3e82c1c849c9ac09cfc2a3e0bbb8655042fd899be6681b3fe2a85 \
     TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
 
 RUN apt-get update && apt-get install -y --no-install-recommends \

@@ -140,3 +140,10 @@ def test_global_batch_size_derives_accumulation_from_world_size(tmp_path, tiny_m
         derive_accumulation(recipe, 16, fail)
     with pytest.raises(RecipeError, match="gradient_accumulation_steps 3 contradicts global_batch_size 16"):
         load_recipe(path, ["--gradient_accumulation_steps", "3"], DPOConfig)
+
+
+def test_trust_remote_code_is_off_unless_a_recipe_asks(tmp_path):
+    from alignkit.models import trust_remote_code
+
+    assert trust_remote_code(load(write(tmp_path))) is False
+    assert trust_remote_code(load(write(tmp_path, trust_remote_code=True))) is True

@@ -38,6 +38,8 @@ def test_base_image_is_a_cuda_devel_image_pinned_by_digest():
     froms = [a for w, a in instructions() if w == "FROM"]
     assert len(froms) == 1
     assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-cudnn-devel-ubuntu\d+\.\d+@sha256:[0-9a-f]{64}", froms[0])
+    # manifests written inside the container name the base image (alignkit.reliability.manifest)
+    assert f"ALIGNKIT_BASE_IMAGE={froms[0]}" in " ".join(a for w, a in instructions() if w == "ENV")
 
 
 def test_installs_from_the_same_lock_as_ci_plus_pinned_gpu_extras():
