@@ -40,3 +40,17 @@ def test_multi_node_command_carries_rank_and_rendezvous():
     assert cmd[i + 1:] == ["--config_file", "recipes/accelerate/zero3.yaml", "--num_processes", "16",
                            "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "node-a",
                            "--main_process_port", "29612", "-m", "alignkit.dpo", "--config", "r.yaml", "--beta", "0.2"]
+
+
+def test_a_run_predicted_not_to_fit_is_refused_unless_forced(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = launch.preflight("dpo", "recipes/zephyr-7b-beta/dpo.yaml", [], world=8, gpus=8)
+    # full DPO of 7B with DDP: weights, reference, gradients and Adam states on every GPU
+    with pytest.raises(RecipeError, match=r"predicted peak .* GiB per GPU does not fit in 80 GiB .*ZeRO-3"):
+        launch.check_fits("dpo", recipe, "recipes/zephyr-7b-beta/dpo.yaml", world=8,
+                          accelerate_config="recipes/accelerate/ddp.yaml", device_gib=80, force=False)
+    est = launch.check_fits("dpo", recipe, "recipes/zephyr-7b-beta/dpo.yaml", world=8,
+                            accelerate_config="recipes/accelerate/zero3.yaml", device_gib=80, force=False)
+    assert est["peak_gib"] < 76  # sharded over 8 GPUs it fits
+    launch.check_fits("dpo", recipe, "recipes/zephyr-7b-beta/dpo.yaml", world=8,
+                      accelerate_config="recipes/accelerate/ddp.yaml", device_gib=80, force=True)

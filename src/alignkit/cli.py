@@ -18,6 +18,7 @@ TOOLS = {
     "lmeval": "alignkit.lmeval",
     "alpacaeval": "alignkit.alpacaeval",
     "launch": "alignkit.launch",
+    "plan": "alignkit.plan",
     "report": "alignkit.report",
 }
 

@@ -53,6 +53,23 @@ def preflight(stage: str, recipe_path: str, overrides: list[str], *, world: int,
     return recipe
 
 
+def check_fits(stage: str, recipe, recipe_path: str, *, world: int, accelerate_config: str | None,
+               device_gib: float, force: bool) -> dict:
+    """Refuse a run that `alignkit plan` predicts will not fit in `device_gib` per GPU, unless forced."""
+    from .config import RecipeError
+    from .plan import architecture, estimate, zero_stage
+
+    zero, _ = zero_stage(accelerate_config)
+    est = estimate(recipe, stage, architecture(recipe.model.model_name_or_path, recipe.extras.gguf_file, recipe_path),
+                   world=world, device="cuda", zero=zero)
+    if est["peak_gib"] > device_gib * 0.95 and not force:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in est["parts_gib"].items() if v)
+        raise RecipeError(f"{recipe_path}: predicted peak {est['peak_gib']:.1f} GiB per GPU does not fit in "
+                          f"{device_gib:.0f} GiB ({parts} GiB; `alignkit plan` for details). Use a ZeRO-3 "
+                          "accelerate config, a smaller per_device_train_batch_size or max_length, or --force")
+    return est
+
+
 def accelerate_command(stage: str, recipe_path: str, overrides: list[str], *, config: str, world: int,
                        machines: int, rank: int, address: str | None, port: int) -> list[str]:
     exe = shutil.which("accelerate") or "accelerate"
@@ -74,6 +91,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--main_process_port", type=int, default=int(os.environ.get("MASTER_PORT", "29500")))
     p.add_argument("--preflight", nargs="*", metavar="RECIPE", help="only check these recipes (stage from file name)")
     p.add_argument("--dry_run", action="store_true", help="print the launch command instead of running it")
+    p.add_argument("--force", action="store_true", help="launch even when alignkit plan predicts it will not fit")
     args, overrides = p.parse_known_args(argv)
 
     gpus = gpus_here()
@@ -89,7 +107,12 @@ def run(argv: list[str]) -> int:
     if not args.stage or not args.config:
         raise UsageError("alignkit launch STAGE --config RECIPE [--accelerate_config CONFIG] [--key value ...]")
     world = args.num_machines * max(gpus, 1)
-    preflight(args.stage, args.config, overrides, world=world, gpus=gpus)
+    recipe = preflight(args.stage, args.config, overrides, world=world, gpus=gpus)
+    if gpus:
+        import torch
+
+        check_fits(args.stage, recipe, args.config, world=world, accelerate_config=args.accelerate_config,
+                   device_gib=torch.cuda.get_device_properties(0).total_memory / 2**30, force=args.force)
     if gpus == 0:  # a CPU twin: one process, no launcher
         import importlib
 

@@ -1,0 +1,271 @@
+"""`plan`: will this recipe fit, and how long will a step take — before the queue wait and the model load.
+
+    alignkit plan recipes/zephyr-7b-beta/dpo.yaml --gpus 8xH100-80GB --accelerate_config recipes/accelerate/zero3.yaml
+    alignkit plan recipes/anima-33b/dpo.yaml --gpus 1xH100-80GB
+
+Peak memory per GPU is the sum of
+  weights        bf16 (2 B/param; fp32 on CPU), or nf4 for QLoRA (0.5 B + double-quantised scales, ~4.13 bits)
+  reference      a second frozen copy for full-parameter DPO/KTO; none under LoRA (adapter disabled) or with
+                 precomputed reference log-probs
+  trainable      gradients + optimiser states: Adam keeps two states per trainable parameter (fp32 for the
+                 32-bit optimisers and under DeepSpeed, which also keeps fp32 master weights; the parameter's
+                 dtype for torch AdamW; 1 B each for 8-bit optimisers); ZeRO-1/2/3 divide the optimiser states /
+                 + gradients / + weights by the world size; LoRA trains r·(in+out) per adapted linear layer
+  activations    per token and layer: 34·h bytes without checkpointing (attention through SDPA/flash: no
+                 s² term), 2·h with checkpointing plus one layer recomputed; tokens = micro-batch × max_length ×
+                 2 for pair losses (chosen and rejected go through together)
+  logits         micro-batch tokens × vocabulary × 10 B (bf16 logits, fp32 log-softmax and its gradient)
+  overhead       1 GiB (CUDA context, allocator slack)
+Time per optimiser step = FLOPs / (GPUs × peak × utilisation): 6·N per trained token (4·N when the base is
+frozen: activation gradients only) + 2·N recomputed under checkpointing + 2·N for the reference forward.
+The architecture comes from the model's config.json (local directory or the hub cache), or a table of the
+headline models for hub names not cached here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+from .stage import UsageError, run_cli
+
+GiB = 2 ** 30
+# usable memory (GiB) and dense bf16 peak (TFLOP/s) of common GPUs; `cpu` uses fp32 and this machine's RAM
+GPUS = {
+    "H100-80GB": (79.6, 989.0), "H200-141GB": (140.4, 989.0), "A100-80GB": (80.0, 312.0),
+    "A100-40GB": (40.0, 312.0), "L40S-48GB": (44.5, 362.0), "L4-24GB": (22.0, 121.0), "A10-24GB": (22.0, 125.0),
+    "RTX4090-24GB": (24.0, 165.0),
+}
+# architectures of hub models the recipes name, for machines without them in the cache (config.json values)
+KNOWN = {
+    "mistralai/Mistral-7B-v0.1": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                      tie_word_embeddings=False, gated=True),
+    "lyogavin/Anima33B-merged": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
+                                     num_attention_heads=52, num_key_value_heads=52, vocab_size=32000,
+                                     tie_word_embeddings=False, gated=True),
+    "gpt2": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, vocab_size=50257, tie_word_embeddings=True, gated=False),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                                num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                                tie_word_embeddings=True, gated=True),
+}
+PAIR_STAGES = {"dpo", "orpo", "cpo", "reward"}
+
+
+def upstream_model(model: str, recipe_path: str) -> str | None:
+    """The model a not-yet-trained `model` (an earlier stage's output_dir, e.g. build/models/zephyr/sft) starts
+    from: the model_name_or_path of the sibling recipe that writes it."""
+    import glob
+
+    import yaml
+
+    target = os.path.normpath(model.removesuffix("/merged"))
+    for other in sorted(glob.glob(os.path.join(os.path.dirname(recipe_path), "*.yaml"))):
+        cfg = yaml.safe_load(open(other)) or {}
+        if isinstance(cfg, dict) and cfg.get("output_dir") and os.path.normpath(cfg["output_dir"]) == target:
+            return cfg.get("model_name_or_path")
+    return None
+
+
+def architecture(model: str, gguf_file: str | None = None, recipe_path: str | None = None) -> dict:
+    """Shape numbers of `model` from its config.json, the hub cache, KNOWN, or the model the stage that writes
+    it starts from."""
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path) and recipe_path and model not in KNOWN:
+        parent = upstream_model(model, recipe_path)
+        if parent and parent != model:
+            return architecture(parent, gguf_file, recipe_path)
+    if os.path.isfile(path):
+        cfg = json.load(open(path))
+    elif model in KNOWN:
+        return dict(KNOWN[model])
+    elif gguf_file and os.path.isdir(model):
+        return dict(KNOWN["HuggingFaceTB/SmolLM2-135M-Instruct"]) if "smollm2" in gguf_file.lower() else {}
+    else:
+        try:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(model).to_dict()
+        except Exception as e:  # not cached, offline
+            raise UsageError(f"no architecture for {model}: not a local model directory, not in the hub cache "
+                             f"({type(e).__name__}), not one of {', '.join(KNOWN)}") from e
+    n = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
+    h = n("hidden_size", "n_embd")
+    heads = n("num_attention_heads", "n_head")
+    return dict(hidden_size=h, intermediate_size=n("intermediate_size", "n_inner", default=4 * h),
+                num_hidden_layers=n("num_hidden_layers", "n_layer"), num_attention_heads=heads,
+                num_key_value_heads=n("num_key_value_heads", default=heads), vocab_size=n("vocab_size"),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                gated=cfg.get("model_type") not in ("gpt2", "gpt_neox", "opt"))
+
+
+def linear_shapes(a: dict) -> list[tuple[str, int, int]]:
+    """(name, in, out) of every linear layer in one decoder layer."""
+    h, f = a["hidden_size"], a["intermediate_size"]
+    kv = h * a["num_key_value_heads"] // a["num_attention_heads"]
+    mlp = [("gate_proj", h, f), ("up_proj", h, f), ("down_proj", f, h)] if a["gated"] else \
+        [("up_proj", h, f), ("down_proj", f, h)]
+    return [("q_proj", h, h), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", h, h), *mlp]
+
+
+def parameter_counts(a: dict) -> dict:
+    layer_linear = sum(i * o for _, i, o in linear_shapes(a))
+    embed = a["vocab_size"] * a["hidden_size"]
+    lm_head = 0 if a["tie_word_embeddings"] else embed
+    norms = (2 * a["num_hidden_layers"] + 1) * a["hidden_size"]
+    linear = a["num_hidden_layers"] * layer_linear
+    return {"linear": linear, "embedding": embed + lm_head, "norms": norms, "total": linear + embed + lm_head + norms}
+
+
+def lora_parameters(a: dict, r: int, targets) -> int:
+    names = {n for n, _, _ in linear_shapes(a)}
+    chosen = names if targets in (None, "all-linear", ["all-linear"]) else names & set(targets)
+    return a["num_hidden_layers"] * sum(r * (i + o) for n, i, o in linear_shapes(a) if n in chosen)
+
+
+def zero_stage(accelerate_config: str | None) -> tuple[int, str | None]:
+    """(ZeRO stage, FSDP or None) of an accelerate config; (0, None) for DDP or none."""
+    if not accelerate_config:
+        return 0, None
+    import yaml
+
+    cfg = yaml.safe_load(open(accelerate_config))
+    if cfg.get("distributed_type") == "DEEPSPEED":
+        return int(cfg.get("deepspeed_config", {}).get("zero_stage", 0)), None
+    if cfg.get("distributed_type") == "FSDP":
+        return 3, "FSDP"
+    return 0, None
+
+
+def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int = 0,
+             utilisation: float = 0.4, peak_tflops: float | None = None) -> dict:
+    """Predicted peak memory per device (bytes, by part) and seconds per optimiser step."""
+    m, t, x = recipe.model, recipe.train, recipe.extras
+    cpu = device == "cpu"
+    counts = parameter_counts(a)
+    N, h, L = counts["total"], a["hidden_size"], a["num_hidden_layers"]
+    wbytes = 4 if cpu else 2
+    lora = bool(m.use_peft or x.adapter_path)
+    qlora = lora and bool(m.load_in_4bit)
+    trainable = lora_parameters(a, m.lora_r, m.lora_target_modules) if lora else N
+    shard_w = world if zero == 3 else 1
+    shard_g = world if zero >= 2 else 1
+    shard_o = world if zero >= 1 else 1
+    parts = {}
+    if qlora:
+        parts["weights"] = counts["linear"] * 4.127 / 8 + (counts["embedding"] + counts["norms"]) * wbytes
+    else:
+        parts["weights"] = N * wbytes / shard_w
+    full_reference = stage in ("dpo", "kto") and not lora and not getattr(t, "precompute_ref_log_probs", False)
+    parts["reference"] = N * wbytes / shard_w if full_reference else 0
+    # trainable weights' own copy (LoRA: PEFT keeps adapters in fp32, QLoRA: TRL casts them to bf16)
+    pbytes = wbytes if not lora else (2 if qlora and not cpu else 4)
+    if lora:
+        parts["adapter"] = trainable * pbytes
+    optim = str(getattr(t.optim, "value", t.optim))
+    if zero:
+        state_bytes = 12  # DeepSpeed: fp32 master + two fp32 Adam states
+    elif "8bit" in optim:
+        state_bytes = 2
+    elif "32bit" in optim or pbytes == 4:
+        state_bytes = 8
+    else:
+        state_bytes = 2 * pbytes
+    parts["gradients"] = trainable * pbytes / shard_g
+    parts["optimizer"] = trainable * state_bytes / shard_o
+    pair = 2 if stage in PAIR_STAGES or stage == "kto" else 1
+    max_length = getattr(t, "max_length", None) or 1024
+    tokens = t.per_device_train_batch_size * max_length * pair
+    act = 34 * h * wbytes / 2
+    checkpointing = bool(t.gradient_checkpointing)
+    parts["activations"] = tokens * (2 * h * (wbytes / 2) * L + act) if checkpointing else tokens * act * L
+    parts["logits"] = tokens * a["vocab_size"] * (10 if not cpu else 12)
+    parts["overhead"] = 0 if cpu else GiB
+    peak = sum(parts.values())
+    reference_forward = full_reference or lora  # LoRA: the reference is the same model, adapter disabled
+    flops_per_token = (6 if not lora else 4) * N + (2 * N if checkpointing else 0) + (2 * N if reference_forward else 0)
+    accumulation = x.global_batch_size // (world * t.per_device_train_batch_size) if x.global_batch_size else \
+        t.gradient_accumulation_steps
+    step_tokens = tokens * accumulation * world
+    seconds = None
+    if peak_tflops:
+        seconds = flops_per_token * step_tokens / (world * peak_tflops * 1e12 * utilisation)
+    return {"parameters": N, "trainable": trainable, "parts_gib": {k: round(v / GiB, 3) for k, v in parts.items()},
+            "peak_gib": round(peak / GiB, 2), "tokens_per_micro_batch": tokens, "tokens_per_step": step_tokens,
+            "gradient_accumulation_steps": accumulation, "flops_per_token": flops_per_token,
+            "seconds_per_step": None if seconds is None else round(seconds, 2), "utilisation": utilisation}
+
+
+def parse_gpus(spec: str) -> tuple[int, str, float, float]:
+    """'8xH100-80GB' → (8, 'H100-80GB', usable GiB, peak TFLOP/s)."""
+    match = re.fullmatch(r"(\d+)x(.+)", spec)
+    if not match or match.group(2) not in GPUS:
+        raise UsageError(f"--gpus {spec!r}: expected NxTYPE with TYPE one of {', '.join(GPUS)} (e.g. 8xH100-80GB)")
+    count, kind = int(match.group(1)), match.group(2)
+    return count, kind, *GPUS[kind]
+
+
+def run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alignkit plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("--gpus", default="1xH100-80GB", help="NxTYPE per node, e.g. 8xH100-80GB; or 'cpu'")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--accelerate_config", default=None, help="DDP (none), ZeRO stage or FSDP from this config")
+    p.add_argument("--utilisation", type=float, default=0.4, help="share of the GPU's bf16 peak assumed for time")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    import importlib
+
+    from .cli import STAGES, stage_of
+
+    if args.gpus == "cpu":
+        count, kind, usable, peak = 1, "cpu", None, None
+    else:
+        count, kind, usable, peak = parse_gpus(args.gpus)
+    world = count * args.nodes
+    zero, fsdp = zero_stage(args.accelerate_config)
+    worst = 0
+    for path in args.recipes:
+        stage = stage_of(path)
+        if stage not in STAGES:
+            raise UsageError(f"{path}: cannot tell the stage from the file name")
+        recipe = importlib.import_module(STAGES[stage]).SPEC.parse(["--config", path], for_check=True)
+        if recipe.extras.global_batch_size:
+            from .config import RecipeError, derive_accumulation
+
+            def fail(msg):
+                raise RecipeError(f"{path}: {msg}")
+
+            derive_accumulation(recipe, world, fail)
+        a = architecture(recipe.model.model_name_or_path, recipe.extras.gguf_file, path)
+        est = estimate(recipe, stage, a, world=world, device="cpu" if kind == "cpu" else "cuda", zero=zero,
+                       utilisation=args.utilisation, peak_tflops=peak)
+        fits = usable is None or est["peak_gib"] <= usable * 0.95
+        worst = max(worst, 0 if fits else 1)
+        est.update(recipe=path, stage=stage, gpus=f"{args.nodes}x{args.gpus}", zero_stage=zero, fsdp=bool(fsdp),
+                   fits=fits, usable_gib=usable)
+        if args.json:
+            print(json.dumps(est))
+            continue
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in est["parts_gib"].items() if v)
+        verdict = "fits" if fits else f"DOES NOT FIT in {usable:.0f} GiB"
+        time_text = f"; ~{est['seconds_per_step']:.1f} s per optimiser step at {args.utilisation:.0%} of peak" \
+            if est["seconds_per_step"] is not None else ""
+        print(f"{path}: {stage}, {est['parameters'] / 1e9:.2f} B parameters ({est['trainable'] / 1e6:.1f} M "
+              f"trained) on {world} x {kind}" + (f", ZeRO-{zero}" if zero and not fsdp else ", FSDP" if fsdp else "")
+              + f": peak {est['peak_gib']:.1f} GiB per device — {verdict} [{parts} GiB]{time_text}")
+    return worst
+
+
+def main(argv=None) -> int:
+    return run_cli("plan", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
