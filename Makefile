@@ -79,6 +79,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(RUN) bash bench/smol_pipeline.sh
+	for stage in sft dpo; do for variant in stock alignkit; do \
+	  $(RUN) $(BIN)/python bench/trainer_speed.py --stage $$stage --variant $$variant --steps 6 \
+	    --out bench/results/speed_$${stage}_$${variant}.json || exit 1; done; done
+	$(RUN) $(BIN)/python bench/trainer_speed.py --table bench/results
 
 # Re-derive the lock file from the direct pins (after editing requirements/cpu.txt).
 lock:

@@ -1,0 +1,159 @@
+"""SFT and DPO speed on SmolLM2: alignkit's recipe defaults vs stock TRL defaults, same data, model, LoRA and
+global batch, on this machine. A benchmark, not a test (`make bench`; needs the smol pipeline's outputs).
+
+    python bench/trainer_speed.py --stage dpo --variant alignkit --steps 6 --out bench/results/speed_dpo_alignkit.json
+
+alignkit: the recipe as alignkit resolves it (fp32 on CPU, gradient checkpointing off where memory allows,
+precomputed reference log-probs for DPO — its one-off cost counted in the total). stock: TRL's own config
+defaults for everything the recipe does not state (gradient checkpointing on, reference forward every step),
+with only `bf16=False, use_cpu=True` added because TRL's bf16 default cannot run on this CPU.
+Reported: seconds per step (steady state, first step excluded), tokens/s (non-padding tokens through the
+policy), peak RSS, and utilisation = model FLOP/s ÷ this machine's fp32 matmul peak measured in the same
+process (model FLOPs: 2·N per token forward, 4·N backward through a frozen base — LoRA —, 2·N for a reference
+forward; recomputation under checkpointing is not useful work and is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+RECIPES = {"sft": "recipes/smol/sft.yaml", "dpo": "recipes/smol/dpo.yaml"}
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """Measured fp32 matmul throughput of this process's threads (the denominator of utilisation)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def build(stage: str, variant: str, steps: int):
+    import importlib
+
+    from alignkit.stage import import_object, load_inputs, make_trainer
+
+    module = importlib.import_module(f"alignkit.{stage}")
+    spec = module.SPEC
+    overrides = ["--max_steps", str(steps), "--output_dir", f"/tmp/alignkit-bench-{stage}-{variant}",
+                 "--save_strategy", "no", "--logging_steps", "1"]
+    recipe = spec.parse(["--config", RECIPES[stage], *overrides])
+    if variant == "stock":
+        config_cls = import_object(spec.config)
+        stated = {k: getattr(recipe.train, k) for k in recipe.explicit_keys if hasattr(recipe.train, k)}
+        stated.update(max_steps=steps, output_dir=recipe.train.output_dir, save_strategy="no", logging_steps=1,
+                      report_to="none", bf16=False, use_cpu=True)
+        stated.pop("precompute_ref_log_probs", None)  # a recipe choice alignkit makes by default for DPO
+        recipe.train = config_cls(**stated)
+    train_ds, eval_ds, _, tokenizer, model = load_inputs(recipe, spec.data_kind)
+    trainer = make_trainer(import_object(spec.trainer), recipe, model, tokenizer, train_ds, eval_ds)
+    return recipe, trainer, model
+
+
+def tokens_per_example(trainer, stage: str) -> float:
+    ds = trainer.train_dataset
+    if stage == "dpo":
+        lengths = [len(r["prompt_input_ids"]) * 2 + len(r["chosen_input_ids"]) + len(r["rejected_input_ids"])
+                   for r in ds] if "prompt_input_ids" in ds.column_names else \
+            [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in ds]
+    else:
+        lengths = [len(r["input_ids"]) for r in ds]
+    return sum(lengths) / len(lengths)
+
+
+def table(results_dir: str) -> str:
+    """bench/results/trainer_speed.md from the four JSON results: side by side, with the speed-up ratio."""
+    import platform
+
+    rows = ["| stage | variant | grad. ckpt | precomputed ref | s/step | tokens/s | peak RSS GiB | utilisation of "
+            "fp32 matmul peak |", "|---|---|---|---|---|---|---|---|"]
+    ratios = []
+    for stage in sorted(RECIPES):
+        r = {v: json.load(open(os.path.join(results_dir, f"speed_{stage}_{v}.json"))) for v in ("stock", "alignkit")}
+        for v, x in r.items():
+            rows.append(f"| {stage} | {v} | {x['gradient_checkpointing']} | {x['precompute_ref_log_probs']} | "
+                        f"{x['seconds_per_step']:.2f} | {x['tokens_per_second']:.1f} | {x['peak_rss_gib']:.2f} | "
+                        f"{x['utilisation_of_matmul_peak']:.1%} of {x['matmul_peak_gflops']:.0f} GFLOP/s |")
+        ratios.append(f"{stage}: alignkit {r['stock']['seconds_per_step'] / r['alignkit']['seconds_per_step']:.2f}x "
+                      "stock TRL per step")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return "\n".join([f"# Trainer speed, SmolLM2-135M-Instruct + LoRA, fp32, {os.cpu_count()} CPU threads ({cpu})", "",
+                      *rows, "", "; ".join(ratios), ""])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", choices=sorted(RECIPES))
+    p.add_argument("--variant", choices=["alignkit", "stock"])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--out")
+    p.add_argument("--table", metavar="RESULTS_DIR", help="write RESULTS_DIR/trainer_speed.md from the four runs")
+    args = p.parse_args()
+    if args.table:
+        text = table(args.table)
+        with open(os.path.join(args.table, "trainer_speed.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return
+
+    import torch
+    from transformers import TrainerCallback
+
+    peak = matmul_peak_gflops()
+    recipe, trainer, model = build(args.stage, args.variant, args.steps)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], None
+
+        def on_step_begin(self, a, s, c, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, a, s, c, **k):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimes()
+    trainer.add_callback(timer)
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    steady = timer.times[1:] or timer.times
+    per_step = sum(steady) / len(steady)
+    examples = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+    tokens = tokens_per_example(trainer, args.stage) * examples
+    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    reference = args.stage == "dpo" and not trainer.args.precompute_ref_log_probs
+    flops_per_token = 2 * n + 4 * n + (2 * n if reference else 0)
+    result = {
+        "stage": args.stage, "variant": args.variant, "steps": args.steps,
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+        "precompute_ref_log_probs": bool(getattr(trainer.args, "precompute_ref_log_probs", False)),
+        "global_batch": examples, "tokens_per_step": round(tokens, 1),
+        "seconds_per_step": round(per_step, 3), "tokens_per_second": round(tokens / per_step, 1),
+        "train_seconds_total": round(total, 2),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+        "matmul_peak_gflops": round(peak, 1),
+        "model_gflops_per_second": round(flops_per_token * tokens / per_step / 1e9, 1),
+        "utilisation_of_matmul_peak": round(flops_per_token * tokens / per_step / 1e9 / peak, 3),
+        "threads": torch.get_num_threads(),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    main()
