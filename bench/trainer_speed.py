@@ -62,10 +62,8 @@ def build(stage: str, variant: str, steps: int):
 
 def tokens_per_example(trainer, stage: str) -> float:
     ds = trainer.train_dataset
-    if stage == "dpo":
-        lengths = [len(r["prompt_input_ids"]) * 2 + len(r["chosen_input_ids"]) + len(r["rejected_input_ids"])
-                   for r in ds] if "prompt_input_ids" in ds.column_names else \
-            [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in ds]
+    if stage == "dpo":  # prompt + chosen and prompt + rejected both go through the policy
+        lengths = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in ds]
     else:
         lengths = [len(r["input_ids"]) for r in ds]
     return sum(lengths) / len(lengths)
