@@ -143,7 +143,7 @@ def zero_stage(accelerate_config: str | None) -> tuple[int, str | None]:
 
 
 def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int = 0,
-             utilisation: float = 0.4, peak_tflops: float | None = None) -> dict:
+             utilisation: float = 0.4, peak_tflops: float | None = None, mean_length: float | None = None) -> dict:
     """Predicted peak memory per device (bytes, by part) and seconds per optimiser step."""
     m, t, x = recipe.model, recipe.train, recipe.extras
     cpu = device == "cpu"
@@ -179,7 +179,8 @@ def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int 
     parts["gradients"] = trainable * pbytes / shard_g
     parts["optimizer"] = trainable * state_bytes / shard_o
     pair = 2 if stage in PAIR_STAGES or stage == "kto" else 1
-    max_length = getattr(t, "max_length", None) or 1024
+    # worst case: every sequence at max_length (batches are padded to their longest sequence)
+    max_length = mean_length or getattr(t, "max_length", None) or 1024
     tokens = t.per_device_train_batch_size * max_length * pair
     act = 34 * h * wbytes / 2
     checkpointing = bool(t.gradient_checkpointing)
