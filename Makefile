@@ -83,6 +83,7 @@ bench: $(STAMP)
 	  $(RUN) $(BIN)/python bench/trainer_speed.py --stage $$stage --variant $$variant --steps 6 \
 	    --out bench/results/speed_$${stage}_$${variant}.json || exit 1; done; done
 	$(RUN) $(BIN)/python bench/trainer_speed.py --table bench/results
+	$(RUN) $(BIN)/python bench/plan_calibration.py
 
 # Re-derive the lock file from the direct pins (after editing requirements/cpu.txt).
 lock:
