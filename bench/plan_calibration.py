@@ -6,7 +6,6 @@ Writes bench/results/plan_calibration.md. Run after `make bench`."""
 import importlib
 import json
 import os
-import resource
 import subprocess
 import sys
 

