@@ -41,7 +41,7 @@ demo: $(STAMP)
 	$(RUN) $(BIN)/dvc repro
 	@echo
 	@echo "report:  reports/smol.md"
-	@echo "metrics: metrics/{sft,dpo,evaluate}.json   ($(BIN)/dvc metrics show)"
+	@echo "metrics: metrics/{sft,dpo,evaluate,mtbench,lmeval,alpacaeval}.json   ($(BIN)/dvc metrics show)"
 	@echo "plots:   metrics/{sft,dpo}_log.csv         ($(BIN)/dvc plots show)"
 
 demo-rs: $(STAMP)
