@@ -15,7 +15,7 @@ export DS_BUILD_OPS ?= 0
 # Stage commands in dvc.yaml call `python`: the venv's, whether or not it is activated.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: demo demo-rs demo-gpt2-nl test test-fast venv lock bench clean help train-zephyr train-anima train-gpt2-nl docker-build
+.PHONY: demo demo-rs demo-gpt2-nl sweep test test-fast venv lock bench clean help train-zephyr train-anima train-gpt2-nl docker-build
 
 help:
 	@echo "make demo   - create .venv, materialise SmolLM2, run the smol pipeline (dvc repro), print results"
@@ -68,6 +68,11 @@ train-gpt2-nl: $(STAMP)
 	$(RUN) $(BIN)/dvc exp run pipelines/gpt2-nl/dvc.yaml -S 'pipelines/gpt2-nl/params.yaml:variant=gpt2-nl' \
 	  -S 'pipelines/gpt2-nl/params.yaml:base=build/models/gpt2-nl/cpt' -S 'pipelines/gpt2-nl/params.yaml:chat_template=zephyr'
 
+# A β sweep of the smol DPO stage as DVC experiments (after `make demo`): reference log-probs computed once, only
+# dpo runs per β, the workspace stays as it is. SWEEP_BETAS="0.05 0.2 0.5" by default. Writes reports/sweep.md.
+sweep: $(STAMP)
+	$(RUN) bash pipelines/beta_sweep.sh
+
 docker-build:
 	docker build -t alignkit:$$(git rev-parse --short HEAD) -t alignkit:latest .
 
@@ -80,7 +85,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(RUN) bash bench/smol_pipeline.sh
 	for stage in sft dpo; do for variant in stock alignkit; do \
-	  $(RUN) $(BIN)/python bench/trainer_speed.py --stage $$stage --variant $$variant --steps 6 \
+	  $(RUN) $(BIN)/python bench/trainer_speed.py --stage $$stage --variant $$variant \
 	    --out bench/results/speed_$${stage}_$${variant}.json || exit 1; done; done
 	$(RUN) $(BIN)/python bench/trainer_speed.py --table bench/results
 	$(RUN) $(BIN)/python bench/plan_calibration.py

@@ -1,16 +1,19 @@
 """SFT and DPO speed on SmolLM2: alignkit's recipe defaults vs stock TRL defaults, same data, model, LoRA and
 global batch, on this machine. A benchmark, not a test (`make bench`; needs the smol pipeline's outputs).
 
-    python bench/trainer_speed.py --stage dpo --variant alignkit --steps 6 --out bench/results/speed_dpo_alignkit.json
+    python bench/trainer_speed.py --stage dpo --variant alignkit --out bench/results/speed_dpo_alignkit.json
 
 alignkit: the recipe as alignkit resolves it (fp32 on CPU, gradient checkpointing off where memory allows,
-precomputed reference log-probs for DPO — its one-off cost counted in the total). stock: TRL's own config
-defaults for everything the recipe does not state (gradient checkpointing on, reference forward every step),
-with only `bf16=False, use_cpu=True` added because TRL's bf16 default cannot run on this CPU.
-Reported: seconds per step (steady state, first step excluded), tokens/s (non-padding tokens through the
-policy), peak RSS, and utilisation = model FLOP/s ÷ this machine's fp32 matmul peak measured in the same
-process (model FLOPs: 2·N per token forward, 4·N backward through a frozen base — LoRA —, 2·N for a reference
-forward; recomputation under checkpointing is not useful work and is not counted).
+length-grouped batches, reference log-probs for DPO read from the pipeline's ref_logps artifact — computed once
+per reference model and data, its cost is the ref_logps stage's in bench/results/smol_pipeline.json). stock: TRL's
+own config defaults for everything the recipe does not state (gradient checkpointing on, random batches, reference
+forward every step), with only `bf16=False, use_cpu=True` added because TRL's bf16 default cannot run on this CPU.
+Both run one full epoch of the same rows with the same global batch.
+Reported: seconds per step (mean over the epoch, first step excluded as warm-up), tokens/s (non-padding tokens
+through the policy), padding fraction of the batches, peak RSS, and utilisation = model FLOP/s ÷ this machine's
+fp32 matmul peak measured in the same process. Model FLOPs per token: 2·N forward; backward 2·N through a frozen
+base (LoRA computes input gradients only, no weight gradients) or 4·N for full fine-tuning; 2·N for a reference
+forward. Recomputation under gradient checkpointing and padding positions are not useful work and are not counted.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def build(stage: str, variant: str, steps: int):
     spec = module.SPEC
     overrides = ["--max_steps", str(steps), "--output_dir", f"/tmp/alignkit-bench-{stage}-{variant}",
                  "--save_strategy", "no", "--logging_steps", "1"]
+    if variant == "stock":
+        overrides += ["--ref_logps", ""] if stage == "dpo" else []
     recipe = spec.parse(["--config", RECIPES[stage], *overrides])
     if variant == "stock":
         config_cls = import_object(spec.config)
@@ -55,9 +60,24 @@ def build(stage: str, variant: str, steps: int):
                       report_to="none", bf16=False, use_cpu=True)
         stated.pop("precompute_ref_log_probs", None)  # a recipe choice alignkit makes by default for DPO
         recipe.train = config_cls(**stated)
-    train_ds, eval_ds, _, tokenizer, model = load_inputs(recipe, spec.data_kind)
+    train_ds, eval_ds, _, tokenizer, model = load_inputs(recipe, spec.data_kind, prepare_data=spec.prepare_data)
     trainer = make_trainer(import_object(spec.trainer), recipe, model, tokenizer, train_ds, eval_ds)
     return recipe, trainer, model
+
+
+def epoch_steps(stage: str) -> int:
+    """Optimizer steps in one epoch of the stage's smol recipe (the pipeline's data)."""
+    import math
+
+    from alignkit.stage import import_object
+
+    spec = import_object(f"alignkit.{stage}:SPEC")
+    recipe = spec.parse(["--config", RECIPES[stage]])
+    from alignkit.data import load_splits
+
+    train, _, _ = load_splits(recipe.data, spec.data_kind, seed=recipe.train.seed)
+    batch = recipe.train.per_device_train_batch_size * recipe.train.gradient_accumulation_steps
+    return math.ceil(len(train) / batch)
 
 
 def tokens_per_example(trainer, stage: str) -> float:
@@ -73,14 +93,15 @@ def table(results_dir: str) -> str:
     """bench/results/trainer_speed.md from the four JSON results: side by side, with the speed-up ratio."""
     import platform
 
-    rows = ["| stage | variant | grad. ckpt | precomputed ref | s/step | tokens/s | peak RSS GiB | utilisation of "
-            "fp32 matmul peak |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| stage | variant | grad. ckpt | precomputed ref | batches | padding | s/step | tokens/s | peak RSS GiB | "
+            "utilisation of fp32 matmul peak |", "|---|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for stage in sorted(RECIPES):
         r = {v: json.load(open(os.path.join(results_dir, f"speed_{stage}_{v}.json"))) for v in ("stock", "alignkit")}
         for v, x in r.items():
             rows.append(f"| {stage} | {v} | {x['gradient_checkpointing']} | {x['precompute_ref_log_probs']} | "
-                        f"{x['seconds_per_step']:.2f} | {x['tokens_per_second']:.1f} | {x['peak_rss_gib']:.2f} | "
+                        f"{x['sampling']} | {x['padding_fraction']:.1%} | {x['seconds_per_step']:.2f} | "
+                        f"{x['tokens_per_second']:.1f} | {x['peak_rss_gib']:.2f} | "
                         f"{x['utilisation_of_matmul_peak']:.1%} of {x['matmul_peak_gflops']:.0f} GFLOP/s |")
         ratios.append(f"{stage}: alignkit {r['stock']['seconds_per_step'] / r['alignkit']['seconds_per_step']:.2f}x "
                       "stock TRL per step")
@@ -94,7 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=sorted(RECIPES))
     p.add_argument("--variant", choices=["alignkit", "stock"])
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=None, help="default: one epoch")
     p.add_argument("--out")
     p.add_argument("--table", metavar="RESULTS_DIR", help="write RESULTS_DIR/trainer_speed.md from the four runs")
     args = p.parse_args()
@@ -108,8 +129,11 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
+    from alignkit.stage import padding_fraction
+
     peak = matmul_peak_gflops()
-    recipe, trainer, model = build(args.stage, args.variant, args.steps)
+    steps = args.steps or epoch_steps(args.stage)
+    recipe, trainer, model = build(args.stage, args.variant, steps)
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -131,10 +155,13 @@ def main() -> None:
     examples = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
     tokens = tokens_per_example(trainer, args.stage) * examples
     n = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    lora = any("lora_" in name for name, _ in model.named_parameters())
     reference = args.stage == "dpo" and not trainer.args.precompute_ref_log_probs
-    flops_per_token = 2 * n + 4 * n + (2 * n if reference else 0)
+    flops_per_token = 2 * n + (2 * n if lora else 4 * n) + (2 * n if reference else 0)
     result = {
-        "stage": args.stage, "variant": args.variant, "steps": args.steps,
+        "stage": args.stage, "variant": args.variant, "steps": steps,
+        "sampling": str(getattr(trainer.args.train_sampling_strategy, "value", trainer.args.train_sampling_strategy)),
+        "padding_fraction": round(padding_fraction(trainer), 4),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "precompute_ref_log_probs": bool(getattr(trainer.args, "precompute_ref_log_probs", False)),
         "global_batch": examples, "tokens_per_step": round(tokens, 1),

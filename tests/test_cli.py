@@ -73,7 +73,7 @@ def test_every_command_in_the_readme_is_registered():
     from alignkit.cli import STAGES, TOOLS
 
     readme = open(os.path.join(ROOT, "README.md")).read()
-    used = set(re.findall(r"`alignkit ([a-z][a-z-]+)", readme)) - {"check"}
+    used = set(re.findall(r"`alignkit ([a-z][a-z_-]+)", readme)) - {"check"}
     assert used and used <= set(STAGES) | set(TOOLS), used - set(STAGES) - set(TOOLS)
     r = alignkit("mtbench", "--help")
     assert r.returncode == 0 and "--judge" in r.stdout

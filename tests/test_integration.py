@@ -53,6 +53,7 @@ def test_smol_sft_and_dpo_steps(smol, tmp_path):
 
     recipe = yaml.safe_load(open(os.path.join(ROOT, "recipes/smol/dpo.yaml")))
     recipe["datasets"], recipe["test_datasets"] = [{"path": str(pairs)}], [{"path": str(pairs)}]
+    recipe.pop("ref_logps")  # the pipeline's stored reference log-probs are for its own data
     (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(recipe))
     m = dpo.train(["--config", str(tmp_path / "dpo.yaml"), *common,
                    "--output_dir", str(tmp_path / "dpo"), "--adapter_path", str(tmp_path / "sft"),

@@ -44,8 +44,10 @@ def test_multi_node_command_carries_rank_and_rendezvous():
 
 def test_a_run_predicted_not_to_fit_is_refused_unless_forced(monkeypatch):
     monkeypatch.chdir(ROOT)
-    recipe = launch.preflight("dpo", "recipes/zephyr-7b-beta/dpo.yaml", [], world=8, gpus=8)
-    # full DPO of 7B with DDP: weights, reference, gradients and Adam states on every GPU
+    recipe = launch.preflight("dpo", "recipes/zephyr-7b-beta/dpo.yaml", ["--precompute_ref_log_probs", "false", "--ref_logps", ""],
+                              world=8, gpus=8)
+    # full DPO of 7B with DDP and TRL's default online reference: weights, reference, gradients and Adam states
+    # on every GPU
     with pytest.raises(RecipeError, match=r"predicted peak .* GiB per GPU does not fit in 80 GiB .*ZeRO-3"):
         launch.check_fits("dpo", recipe, "recipes/zephyr-7b-beta/dpo.yaml", world=8,
                           accelerate_config="recipes/accelerate/ddp.yaml", device_gib=80, force=False)
@@ -54,3 +56,8 @@ def test_a_run_predicted_not_to_fit_is_refused_unless_forced(monkeypatch):
     assert est["peak_gib"] < 76  # sharded over 8 GPUs it fits
     launch.check_fits("dpo", recipe, "recipes/zephyr-7b-beta/dpo.yaml", world=8,
                       accelerate_config="recipes/accelerate/ddp.yaml", device_gib=80, force=True)
+    # alignkit's default, precomputed reference log-probs: no reference model in memory, and DDP fits
+    default = launch.preflight("dpo", "recipes/zephyr-7b-beta/dpo.yaml", [], world=8, gpus=8)
+    est = launch.check_fits("dpo", default, "recipes/zephyr-7b-beta/dpo.yaml", world=8,
+                            accelerate_config="recipes/accelerate/ddp.yaml", device_gib=80, force=False)
+    assert est["parts_gib"]["reference"] == 0 and est["peak_gib"] < 76

@@ -37,7 +37,11 @@ def test_zero_stages_shard_what_they_should(monkeypatch):
     assert parts[1]["optimizer"] == pytest.approx(parts[0]["optimizer"] * 12 / 4 / 8, rel=1e-3)  # fp32 master+Adam
     assert parts[2]["gradients"] == pytest.approx(parts[1]["gradients"] / 8, rel=1e-3)
     assert parts[3]["weights"] == pytest.approx(parts[2]["weights"] / 8, rel=1e-3)
-    assert parts[0]["reference"] > 0  # full DPO keeps a frozen copy
+    assert parts[0]["reference"] == 0  # reference log-probs precomputed (the DPO default): no frozen copy
+    online = dpo.SPEC.parse(["--config", "recipes/zephyr-7b-beta/dpo.yaml", "--precompute_ref_log_probs", "false",
+                             "--ref_logps", ""], for_check=True)
+    online_parts = plan.estimate(online, "dpo", a, world=8, device="cuda", zero=3)["parts_gib"]
+    assert online_parts["reference"] == pytest.approx(parts[3]["weights"], rel=1e-3)  # a frozen copy, sharded alike
 
 
 def test_cli_verdicts(monkeypatch, capsys):
@@ -45,9 +49,9 @@ def test_cli_verdicts(monkeypatch, capsys):
     assert plan.main(["recipes/anima-33b/dpo.yaml", "--gpus", "1xH100-80GB"]) == 0
     out = capsys.readouterr().out
     assert "32.53 B parameters (1950.4 M trained)" in out and "fits" in out and "s per optimiser step" in out
-    assert plan.main(["recipes/zephyr-7b-beta/dpo.yaml", "--gpus", "8xH100-80GB"]) == 1
+    assert plan.main(["recipes/zephyr-7b-beta/dpo.yaml", "--gpus", "8xA100-40GB"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
-    assert plan.main(["recipes/zephyr-7b-beta/dpo.yaml", "--gpus", "8xH100-80GB", "--accelerate_config",
+    assert plan.main(["recipes/zephyr-7b-beta/dpo.yaml", "--gpus", "8xA100-40GB", "--accelerate_config",
                       "recipes/accelerate/zero3.yaml"]) == 0
     assert plan.main(["recipes/zephyr-7b-beta/dpo.yaml", "--gpus", "8xV100"]) == 2
     assert "expected NxTYPE" in capsys.readouterr().err

@@ -84,7 +84,7 @@ def test_two_runs_same_seed_bit_identical(tmp_path, tiny_model, tiny_data):
 
 def test_precomputed_reference_gives_identical_losses(tmp_path, tiny_model, tiny_data):
     (tmp_path / "on").mkdir(), (tmp_path / "pre").mkdir()
-    online = tiny_recipe(tmp_path / "on", tiny_model, tiny_data, "dpo")
+    online = tiny_recipe(tmp_path / "on", tiny_model, tiny_data, "dpo", precompute_ref_log_probs=False)
     pre = tiny_recipe(tmp_path / "pre", tiny_model, tiny_data, "dpo", precompute_ref_log_probs=True)
     run_stage("dpo", online), run_stage("dpo", pre)
     import csv

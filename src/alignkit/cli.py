@@ -8,6 +8,8 @@ import sys
 
 # Training stages: recipe-driven (`--config recipes/<name>/<stage>.yaml`).
 STAGES = {name: f"alignkit.{name}" for name in ("cpt", "sft", "dpo", "orpo", "cpo", "kto", "reward")}
+# Stages that run on a training stage's recipe without training (`alignkit ref_logps --config R`, launchable too).
+STAGES["ref_logps"] = "alignkit.ref_logps"
 # Pipeline tools with their own flags.
 TOOLS = {
     "base-model": "alignkit.base_model",

@@ -61,6 +61,13 @@ class AlignkitArguments:
         default=None,
         metadata={"help": "Start from this PEFT adapter (e.g. the SFT stage's output) and keep training it."},
     )
+    ref_logps: str | None = field(
+        default=None,
+        metadata={
+            "help": "DPO: a directory of reference log-probs written by `alignkit ref_logps` for this recipe; read "
+            "instead of computed (needs precompute_ref_log_probs: true), so a β or loss sweep computes them once."
+        },
+    )
     chat_template: str | None = field(
         default=None,
         metadata={"help": "Chat template: a name (smollm2, chatml, zephyr), a Jinja string, or unset = model's own."},

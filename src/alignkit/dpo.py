@@ -7,7 +7,17 @@ combined with `loss_weights`). Metrics add held-out implicit-reward accuracy and
 
 Reference model: with LoRA/QLoRA it is the policy with the adapter disabled (no second model in memory);
 starting from an SFT adapter (`adapter_path`), TRL keeps a frozen copy of that adapter as the reference;
-with `precompute_ref_log_probs: true` reference log-probs are computed once up front and none is kept.
+with `precompute_ref_log_probs: true` reference log-probs are computed once up front and none is kept; with
+`ref_logps: DIR` as well they are read from the artifact `alignkit ref_logps` wrote (ref_logps.py), so a β or
+loss sweep computes them once.
+
+Reference log-probs are precomputed by default (TRL's default is a reference forward every step): the same
+numbers, a forward pass per step saved, and no reference model kept in memory for full fine-tuning.
+
+`train_sampling_strategy: group_by_length` (with `remove_unused_columns: false`) groups rows of similar length
+(prompt + the longer reply) into batches; the fraction of padding positions is reported either way as
+`train_padding_fraction`. Not a default: transformers' length-grouped sampler draws its order from the global RNG,
+so a resumed run would not see the uninterrupted run's batches, and batches would depend on the world size.
 """
 
 from __future__ import annotations
@@ -30,16 +40,33 @@ def check(recipe, fail) -> None:
     if "exo_pair" in args.loss_type and not args.label_smoothing > 0:
         fail("loss_type exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
     if args.use_liger_kernel and args.precompute_ref_log_probs:
-        fail("use_liger_kernel cannot be combined with precompute_ref_log_probs (TRL's Liger DPO loss "
-             "computes the reference itself)")
+        fail("use_liger_kernel cannot be combined with precompute_ref_log_probs (on by default; TRL's Liger DPO "
+             "loss computes the reference itself): set precompute_ref_log_probs: false")
+    if args.sync_ref_model and args.precompute_ref_log_probs:
+        fail("sync_ref_model updates the reference during training, so its log-probs cannot be precomputed "
+             "(precompute_ref_log_probs is on by default): set precompute_ref_log_probs: false")
+    if recipe.extras.ref_logps and not args.precompute_ref_log_probs:
+        fail("ref_logps (stored reference log-probs) needs precompute_ref_log_probs: true — without it TRL runs "
+             "the reference model every step and ignores them")
+    if args.train_sampling_strategy == "group_by_length" and args.remove_unused_columns:
+        fail("train_sampling_strategy group_by_length needs remove_unused_columns: false for DPO (the length "
+             "column must reach the sampler; DPO's collator ignores columns it does not use)")
+
+
+def attach_reference(recipe, tokenizer, train_ds, eval_ds):
+    from .ref_logps import attach
+
+    return attach(recipe, tokenizer, train_ds, eval_ds)
 
 
 SPEC = StageSpec(
     name="dpo",
     config="trl:DPOConfig",
-    trainer="trl:DPOTrainer",
+    trainer="alignkit.ref_logps:StoredReferenceDPOTrainer",  # TRL's, reading attached reference log-probs
     data_kind=PREFERENCE,
     check=check,
+    defaults={"precompute_ref_log_probs": True},
+    prepare_data=attach_reference,
     fp16_refused="the loss is a difference of summed log-probs, which fp16 rounds and overflows",
     metrics=reward_metrics,
 )

@@ -84,6 +84,8 @@ class StageSpec:
     model_kwargs: dict = field(default_factory=dict)  # extra from_pretrained arguments (num_labels=1 ...)
     lora_task_type: str = "CAUSAL_LM"
     metrics: Callable[[dict], dict] | None = None  # extra metrics from the held-out evaluation
+    # prepare_data(recipe, tokenizer, train, eval) -> (train, eval): the stage's own columns, before weights load
+    prepare_data: Callable | None = None
 
     def config_class(self):
         return import_object(self.config)
@@ -102,6 +104,8 @@ class StageSpec:
         """The fp16 refusal and the stage's own check; what `alignkit check` and every run apply."""
         if self.fp16_refused and recipe.asks("fp16"):
             fail(f"fp16 is refused for {self.name.upper()}: {self.fp16_refused}; use bf16 (GPU) or fp32")
+        if recipe.extras.ref_logps and self.prepare_data is None:
+            fail(f"ref_logps: stored reference log-probs are read by the dpo stage only, not by {self.name}")
         if self.check is not None:
             self.check(recipe, fail)
 
@@ -110,7 +114,7 @@ class StageSpec:
         auto_class = import_object(self.auto_class) if self.auto_class else None
         train_ds, eval_ds, data_report, tokenizer, model = load_inputs(  # 2, 3
             recipe, self.data_kind, auto_class=auto_class, check_tokenizer=self.check_tokenizer,
-            model_kwargs=self.model_kwargs,
+            model_kwargs=self.model_kwargs, prepare_data=self.prepare_data,
         )
         if model is None:
             return prepared(self.name, data_report)
@@ -141,9 +145,10 @@ def write_log_csv(log_history: list[dict], path: str) -> None:
             writer.writerow({k: row.get(k, "") for k in columns})
 
 
-def load_inputs(recipe: Recipe, kind: str, *, auto_class=None, check_tokenizer=None, model_kwargs=None):
-    """(train, eval, data report, tokenizer, model) for a stage — cheapest first, so that a bad row or a
-    missing chat template fails before any weights are loaded."""
+def load_inputs(recipe: Recipe, kind: str, *, auto_class=None, check_tokenizer=None, model_kwargs=None,
+                prepare_data=None):
+    """(train, eval, data report, tokenizer, model) for a stage — cheapest first, so that a bad row, a missing
+    chat template or stale stored reference log-probs fail before any weights are loaded."""
     from .data import load_splits
     from .models import load_model, load_tokenizer
 
@@ -153,19 +158,22 @@ def load_inputs(recipe: Recipe, kind: str, *, auto_class=None, check_tokenizer=N
         check_tokenizer(recipe, tokenizer)
     if recipe.extras.prepare_only:
         return train_ds, eval_ds, report, tokenizer, None
+    if prepare_data is not None:
+        train_ds, eval_ds = prepare_data(recipe, tokenizer, train_ds, eval_ds)
     model = load_model(recipe, tokenizer, auto_class=auto_class, **(model_kwargs or {}))
     return train_ds, eval_ds, report, tokenizer, model
 
 
-def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_ds, *, lora_task_type="CAUSAL_LM"):
+def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_ds, *, lora_task_type="CAUSAL_LM",
+                 run_dir: str | None = None):
     """A TRL trainer the way every stage builds one: the recipe's args, a new LoRA adapter if `use_peft`."""
     from .models import lora_config
     from .reliability import make_callbacks
 
     # The Trainer writes (and creates) its output_dir: point it at this run's checkpoint directory, so that a
     # killed run never leaves anything at the stage's output path.
-    recipe.train.output_dir = checkpoint_run_dir(recipe)
-    return trainer_cls(
+    recipe.train.output_dir = run_dir or checkpoint_run_dir(recipe)
+    trainer = trainer_cls(
         model=model,
         args=recipe.train,
         train_dataset=train_ds,
@@ -174,11 +182,51 @@ def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_d
         peft_config=lora_config(recipe.model, lora_task_type),
         callbacks=make_callbacks(),
     )
+    if trainer.args.train_sampling_strategy == "group_by_length":
+        trainer.train_dataset, trainer.eval_dataset = (with_length_column(trainer.train_dataset),
+                                                       with_length_column(trainer.eval_dataset))
+    return trainer
+
+
+def with_length_column(dataset):
+    """`length` per row for the Trainer's length-grouped sampler, from the trainer's tokenised columns where there is
+    no `input_ids` to measure (DPO: prompt + the longer of chosen and rejected — both are padded to the longest)."""
+    if dataset is None or "input_ids" in dataset.column_names or "length" in dataset.column_names:
+        return dataset
+    prompt = [c for c in dataset.column_names if c.startswith("prompt") and c.endswith("_ids")]
+    replies = [c for c in dataset.column_names if c.endswith("_ids") and c not in prompt]
+    if not replies:
+        return dataset
+
+    def length(row):
+        return {"length": sum(len(row[c]) for c in prompt) + max(len(row[c]) for c in replies)}
+
+    return dataset.map(length, desc="Measuring lengths for length-grouped batches")
+
+
+def padding_fraction(trainer, max_batches: int = 1000) -> float:
+    """Share of padding positions in the training batches as the trainer's sampler and collator make them (one
+    pass, up to `max_batches`, with the torch RNG forked so training is not disturbed): what length grouping
+    (`train_sampling_strategy: group_by_length`) cuts."""
+    import torch
+
+    real = total = 0
+    with torch.random.fork_rng():
+        torch.manual_seed(trainer.args.seed)
+        for i, batch in enumerate(trainer.get_train_dataloader()):
+            # attention_mask, or chosen_/rejected_attention_mask (ORPO, CPO); none when padding-free / packed
+            masks = [v for k, v in batch.items() if k.endswith("attention_mask")] or \
+                [torch.ones_like(v) for k, v in batch.items() if k.endswith("input_ids")]
+            real, total = real + sum(int(m.sum()) for m in masks), total + sum(m.numel() for m in masks)
+            if i + 1 >= max_batches:
+                break
+    return 1 - real / total if total else 0.0
 
 
 def recipe_inputs(recipe: Recipe) -> dict[str, str]:
     """Local files and directories a run reads (hub names are recorded as such): for fingerprints and manifests."""
-    inputs = {"model": recipe.model.model_name_or_path, "adapter": recipe.extras.adapter_path}
+    inputs = {"model": recipe.model.model_name_or_path, "adapter": recipe.extras.adapter_path,
+              "ref_logps": recipe.extras.ref_logps}
     for kind, specs in (("train", recipe.data.datasets), ("test", recipe.data.test_datasets)):
         for i, spec in enumerate(specs):
             inputs[f"{kind}_data_{i}"] = spec.get("path")
@@ -222,6 +270,11 @@ def train_and_evaluate(trainer, data_report, resume_from: str | None = None) -> 
     Returns (the metrics every stage reports, raw eval metrics)."""
     from .reliability import Preempted
 
+    from transformers import set_seed
+
+    # Training randomness (dropout, a length-grouped order) must follow from the seed alone, not from how much of the
+    # global RNG building the trainer consumed (TRL's reference pass does; reading stored log-probs does not).
+    set_seed(trainer.args.seed)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - start
@@ -241,6 +294,7 @@ def train_and_evaluate(trainer, data_report, resume_from: str | None = None) -> 
         "world_size": trainer.args.world_size,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "train_rows": len(trainer.train_dataset),
+        "train_padding_fraction": padding_fraction(trainer),
         "eval_rows": len(trainer.eval_dataset),
         **data_report.as_metrics("data"),
     }
