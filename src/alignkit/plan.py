@@ -16,8 +16,14 @@ Peak memory per GPU is the sum of
                  2 for pair losses (chosen and rejected go through together)
   logits         micro-batch tokens × vocabulary × 10 B (bf16 logits, fp32 log-softmax and its gradient)
   overhead       1 GiB (CUDA context, allocator slack)
+On CPU (`--gpus cpu`, fp32) three terms are calibrated against the measured peak RSS of the smol SFT and DPO runs
+(bench/plan_calibration.py, which also reports the error on runs not used to fit them): activations
+CPU_ACTIVATION_BYTES·h per token and layer, logits CPU_LOGIT_BYTES per token and vocabulary entry (fp32 logits
+and the copies the losses and TRL's token metrics make), and the process itself (Python, torch, transformers,
+TRL imported). The GPU terms are not calibrated yet: that needs a GPU run (bench/gpu_dpo_step.py reports peaks).
 Time per optimiser step = FLOPs / (GPUs × peak × utilisation): 6·N per trained token (4·N when the base is
-frozen: activation gradients only) + 2·N recomputed under checkpointing + 2·N for the reference forward.
+frozen: activation gradients only) + 2·N recomputed under checkpointing + 2·N for a reference forward (DPO/KTO
+without precomputed reference log-probs).
 The architecture comes from the model's config.json (local directory or the hub cache), or a table of the
 headline models for hub names not cached here.
 """
@@ -33,6 +39,11 @@ import sys
 from .stage import UsageError, run_cli
 
 GiB = 2 ** 30
+# CPU, fp32: fitted to the measured peak RSS of the smol SFT/DPO runs with and without checkpointing
+# (bench/results/plan_calibration.md)
+CPU_ACTIVATION_BYTES = 100  # × hidden size, per token and layer without checkpointing
+CPU_LOGIT_BYTES = 47  # per token and vocabulary entry
+CPU_RUNTIME_GIB = 0.41  # python + torch + transformers + TRL + PEFT imported, nothing loaded
 # usable memory (GiB) and dense bf16 peak (TFLOP/s) of common GPUs; `cpu` uses fp32 and this machine's RAM
 GPUS = {
     "H100-80GB": (79.6, 989.0), "H200-141GB": (140.4, 989.0), "A100-80GB": (80.0, 312.0),
@@ -142,8 +153,9 @@ def zero_stage(accelerate_config: str | None) -> tuple[int, str | None]:
 
 
 def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int = 0,
-             utilisation: float = 0.4, peak_tflops: float | None = None, mean_length: float | None = None) -> dict:
-    """Predicted peak memory per device (bytes, by part) and seconds per optimiser step."""
+             utilisation: float = 0.4, peak_tflops: float | None = None, seq_length: float | None = None) -> dict:
+    """Predicted peak memory per device (bytes, by part) and seconds per optimiser step. `seq_length`: tokens per
+    sequence in the largest (padded) micro-batch; default the recipe's max_length, the worst case."""
     m, t, x = recipe.model, recipe.train, recipe.extras
     cpu = device == "cpu"
     counts = parameter_counts(a)
@@ -179,15 +191,16 @@ def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int 
     parts["optimizer"] = trainable * state_bytes / shard_o
     pair = 2 if stage in PAIR_STAGES or stage == "kto" else 1
     # worst case: every sequence at max_length (batches are padded to their longest sequence)
-    max_length = mean_length or getattr(t, "max_length", None) or 1024
+    max_length = seq_length or getattr(t, "max_length", None) or 1024
     tokens = t.per_device_train_batch_size * max_length * pair
-    act = 34 * h * wbytes / 2
+    act = CPU_ACTIVATION_BYTES * h if cpu else 34 * h * wbytes / 2
     checkpointing = bool(t.gradient_checkpointing)
     parts["activations"] = tokens * (2 * h * (wbytes / 2) * L + act) if checkpointing else tokens * act * L
-    parts["logits"] = tokens * a["vocab_size"] * (10 if not cpu else 12)
-    parts["overhead"] = 0 if cpu else GiB
+    parts["logits"] = tokens * a["vocab_size"] * (CPU_LOGIT_BYTES if cpu else 10)
+    parts["overhead"] = CPU_RUNTIME_GIB * GiB if cpu else GiB
     peak = sum(parts.values())
-    reference_forward = full_reference or lora  # LoRA: the reference is the same model, adapter disabled
+    # a reference forward every step unless its log-probs are precomputed (LoRA: the adapter-disabled model)
+    reference_forward = stage in ("dpo", "kto") and not getattr(t, "precompute_ref_log_probs", False)
     flops_per_token = (6 if not lora else 4) * N + (2 * N if checkpointing else 0) + (2 * N if reference_forward else 0)
     accumulation = x.global_batch_size // (world * t.per_device_train_batch_size) if x.global_batch_size else \
         t.gradient_accumulation_steps
