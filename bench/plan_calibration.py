@@ -28,9 +28,12 @@ def rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
-def overrides(ckpt: bool, batch: int) -> list[str]:
-    return ["--max_steps", "3", "--output_dir", "/tmp/alignkit-calibration", "--save_strategy", "no",
-            "--gradient_checkpointing", str(ckpt), "--per_device_train_batch_size", str(batch)]
+def recipe_args(stage: str, ckpt: bool, batch: int) -> list[str]:
+    """The case's recipe: the smol one, 3 steps, this batch and checkpointing; DPO runs TRL's own reference pass
+    (no pipeline artifact needed)."""
+    return ["--config", RECIPES[stage], "--max_steps", "3", "--output_dir", "/tmp/alignkit-calibration",
+            "--save_strategy", "no", "--gradient_checkpointing", str(ckpt), "--per_device_train_batch_size",
+            str(batch), *(["--ref_logps", ""] if stage == "dpo" else [])]
 
 
 def measure(stage: str, ckpt: bool, batch: int) -> dict:
@@ -46,8 +49,7 @@ def measure(stage: str, ckpt: bool, batch: int) -> dict:
     from alignkit.stage import import_object, load_inputs, make_trainer
 
     spec = importlib.import_module(f"alignkit.{stage}").SPEC
-    extra = ["--ref_logps", ""] if stage == "dpo" else []  # TRL's own reference pass (no pipeline artifact needed)
-    recipe = spec.parse(["--config", RECIPES[stage], *overrides(ckpt, batch), *extra])
+    recipe = spec.parse(recipe_args(stage, ckpt, batch))
     train_ds, eval_ds, _, tokenizer, model = load_inputs(recipe, spec.data_kind, prepare_data=spec.prepare_data)
     trainer = make_trainer(import_object(spec.trainer), recipe, model, tokenizer, train_ds, eval_ds,
                            run_dir="/tmp/alignkit-calibration")
@@ -74,9 +76,7 @@ def predict(case: dict) -> dict:
     from alignkit.plan import architecture, estimate
 
     spec = importlib.import_module(f"alignkit.{case['stage']}").SPEC
-    extra = ["--ref_logps", ""] if case["stage"] == "dpo" else []
-    recipe = spec.parse(["--config", RECIPES[case["stage"]], *overrides(case["gradient_checkpointing"], case["batch"]),
-                         *extra], for_check=True)
+    recipe = spec.parse(recipe_args(case["stage"], case["gradient_checkpointing"], case["batch"]), for_check=True)
     return estimate(recipe, case["stage"], architecture("build/models/base"), world=1, device="cpu",
                     seq_length=case["padded_length"])
 

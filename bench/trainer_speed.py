@@ -41,14 +41,16 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def build(stage: str, variant: str, steps: int):
+def build(stage: str, variant: str, steps: int | None):
+    """The stage's trainer for the smol recipe; `steps` None = the recipe's own length (one epoch)."""
     import importlib
 
     from alignkit.stage import import_object, load_inputs, make_trainer
 
     module = importlib.import_module(f"alignkit.{stage}")
     spec = module.SPEC
-    overrides = ["--max_steps", str(steps), "--output_dir", f"/tmp/alignkit-bench-{stage}-{variant}",
+    max_steps = steps or -1  # -1: num_train_epochs decides
+    overrides = ["--max_steps", str(max_steps), "--output_dir", f"/tmp/alignkit-bench-{stage}-{variant}",
                  "--save_strategy", "no", "--logging_steps", "1"]
     if variant == "stock":
         overrides += ["--ref_logps", ""] if stage == "dpo" else []
@@ -56,28 +58,13 @@ def build(stage: str, variant: str, steps: int):
     if variant == "stock":
         config_cls = import_object(spec.config)
         stated = {k: getattr(recipe.train, k) for k in recipe.explicit_keys if hasattr(recipe.train, k)}
-        stated.update(max_steps=steps, output_dir=recipe.train.output_dir, save_strategy="no", logging_steps=1,
+        stated.update(max_steps=max_steps, output_dir=recipe.train.output_dir, save_strategy="no", logging_steps=1,
                       report_to="none", bf16=False, use_cpu=True)
         stated.pop("precompute_ref_log_probs", None)  # a recipe choice alignkit makes by default for DPO
         recipe.train = config_cls(**stated)
     train_ds, eval_ds, _, tokenizer, model = load_inputs(recipe, spec.data_kind, prepare_data=spec.prepare_data)
     trainer = make_trainer(import_object(spec.trainer), recipe, model, tokenizer, train_ds, eval_ds)
     return recipe, trainer, model
-
-
-def epoch_steps(stage: str) -> int:
-    """Optimizer steps in one epoch of the stage's smol recipe (the pipeline's data)."""
-    import math
-
-    from alignkit.stage import import_object
-
-    spec = import_object(f"alignkit.{stage}:SPEC")
-    recipe = spec.parse(["--config", RECIPES[stage]])
-    from alignkit.data import load_splits
-
-    train, _, _ = load_splits(recipe.data, spec.data_kind, seed=recipe.train.seed)
-    batch = recipe.train.per_device_train_batch_size * recipe.train.gradient_accumulation_steps
-    return math.ceil(len(train) / batch)
 
 
 def tokens_per_example(trainer, stage: str) -> float:
@@ -132,8 +119,7 @@ def main() -> None:
     from alignkit.stage import padding_fraction
 
     peak = matmul_peak_gflops()
-    steps = args.steps or epoch_steps(args.stage)
-    recipe, trainer, model = build(args.stage, args.variant, steps)
+    recipe, trainer, model = build(args.stage, args.variant, args.steps)
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -159,7 +145,7 @@ def main() -> None:
     reference = args.stage == "dpo" and not trainer.args.precompute_ref_log_probs
     flops_per_token = 2 * n + (2 * n if lora else 4 * n) + (2 * n if reference else 0)
     result = {
-        "stage": args.stage, "variant": args.variant, "steps": steps,
+        "stage": args.stage, "variant": args.variant, "steps": trainer.state.global_step,
         "sampling": str(getattr(trainer.args.train_sampling_strategy, "value", trainer.args.train_sampling_strategy)),
         "padding_fraction": round(padding_fraction(trainer), 4),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
