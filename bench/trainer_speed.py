@@ -3,8 +3,9 @@ global batch, on this machine. A benchmark, not a test (`make bench`; needs the 
 
     python bench/trainer_speed.py --stage dpo --variant alignkit --out bench/results/speed_dpo_alignkit.json
 
-alignkit: the recipe as alignkit resolves it (fp32 on CPU, gradient checkpointing off where memory allows,
-length-grouped batches, reference log-probs for DPO read from the pipeline's ref_logps artifact — computed once
+alignkit: the recipe as alignkit resolves it (fp32 on CPU, gradient checkpointing off where memory allows, freed
+memory kept for reuse (`cpu_keep_freed_memory`), reference log-probs for DPO read from the pipeline's ref_logps
+artifact — computed once
 per reference model and data, its cost is the ref_logps stage's in bench/results/smol_pipeline.json). stock: TRL's
 own config defaults for everything the recipe does not state (gradient checkpointing on, random batches, reference
 forward every step), with only `bf16=False, use_cpu=True` added because TRL's bf16 default cannot run on this CPU.
@@ -52,8 +53,8 @@ def build(stage: str, variant: str, steps: int | None):
     max_steps = steps or -1  # -1: num_train_epochs decides
     overrides = ["--max_steps", str(max_steps), "--output_dir", f"/tmp/alignkit-bench-{stage}-{variant}",
                  "--save_strategy", "no", "--logging_steps", "1"]
-    if variant == "stock":
-        overrides += ["--ref_logps", ""] if stage == "dpo" else []
+    if variant == "stock":  # TRL in a plain process: glibc's own malloc, no stored reference log-probs
+        overrides += ["--cpu_keep_freed_memory", "false"] + (["--ref_logps", ""] if stage == "dpo" else [])
     recipe = spec.parse(["--config", RECIPES[stage], *overrides])
     if variant == "stock":
         config_cls = import_object(spec.config)
@@ -80,14 +81,14 @@ def table(results_dir: str) -> str:
     """bench/results/trainer_speed.md from the four JSON results: side by side, with the speed-up ratio."""
     import platform
 
-    rows = ["| stage | variant | grad. ckpt | precomputed ref | batches | padding | s/step | tokens/s | peak RSS GiB | "
-            "utilisation of fp32 matmul peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| stage | variant | grad. ckpt | precomputed ref | freed memory kept | batches | padding | s/step | "
+            "tokens/s | peak RSS GiB | utilisation of fp32 matmul peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for stage in sorted(RECIPES):
         r = {v: json.load(open(os.path.join(results_dir, f"speed_{stage}_{v}.json"))) for v in ("stock", "alignkit")}
         for v, x in r.items():
             rows.append(f"| {stage} | {v} | {x['gradient_checkpointing']} | {x['precompute_ref_log_probs']} | "
-                        f"{x['sampling']} | {x['padding_fraction']:.1%} | {x['seconds_per_step']:.2f} | "
+                        f"{x.get('keeps_freed_memory', False)} | {x['sampling']} | {x['padding_fraction']:.1%} | {x['seconds_per_step']:.2f} | "
                         f"{x['tokens_per_second']:.1f} | {x['peak_rss_gib']:.2f} | "
                         f"{x['utilisation_of_matmul_peak']:.1%} of {x['matmul_peak_gflops']:.0f} GFLOP/s |")
         ratios.append(f"{stage}: alignkit {r['stock']['seconds_per_step'] / r['alignkit']['seconds_per_step']:.2f}x "
@@ -150,6 +151,7 @@ def main() -> None:
         "padding_fraction": round(padding_fraction(trainer), 4),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "precompute_ref_log_probs": bool(getattr(trainer.args, "precompute_ref_log_probs", False)),
+        "keeps_freed_memory": recipe.extras.cpu_keep_freed_memory,
         "global_batch": examples, "tokens_per_step": round(tokens, 1),
         "seconds_per_step": round(per_step, 3), "tokens_per_second": round(tokens / per_step, 1),
         "train_seconds_total": round(total, 2),

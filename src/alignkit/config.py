@@ -88,6 +88,14 @@ class AlignkitArguments:
             "(and pack CPT blocks), then stop before loading weights: the CPU step before a GPU job (slurm/)."
         },
     )
+    cpu_keep_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "Training on CPU (glibc): serve large tensors from the heap and never hand freed memory back to the "
+            "OS, so each step reuses it instead of faulting in fresh zeroed pages (~20% of a smol DPO step was kernel "
+            "time). Process-wide; peak RSS can grow by ~10%."
+        },
+    )
     global_batch_size: int | None = field(
         default=None,
         metadata={

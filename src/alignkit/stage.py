@@ -182,10 +182,26 @@ def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_d
         peft_config=lora_config(recipe.model, lora_task_type),
         callbacks=make_callbacks(),
     )
+    if trainer.args.device.type == "cpu" and recipe.extras.cpu_keep_freed_memory and keep_freed_memory():
+        logger.info("CPU training: freed memory is kept for reuse (glibc mallopt: no mmap, no trim)")
     if trainer.args.train_sampling_strategy == "group_by_length":
         trainer.train_dataset, trainer.eval_dataset = (with_length_column(trainer.train_dataset),
                                                        with_length_column(trainer.eval_dataset))
     return trainer
+
+
+def keep_freed_memory() -> bool:
+    """glibc hands every allocation over 32 MiB a fresh mmap and unmaps it on free, so a CPU training step faults in
+    (and the kernel zeroes) the same logit tiles and activations again each time. Serve all of them from the heap and
+    never trim it: freed memory is reused. Process-wide and irreversible; False (nothing changed) without glibc."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>; a trim threshold of -1 turns trimming off
+    libc = ctypes.CDLL(None)  # the C library this process already runs on
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
 
 
 def with_length_column(dataset):
