@@ -80,16 +80,16 @@ def model_args(base: str, model_dir: str | None, batch_size: int) -> dict:
     """lm-eval `hf` model arguments: base + PEFT adapter, or a merged/full model directory."""
     import torch
 
+    from .generation import split_models
+
     gpu = torch.cuda.is_available()
     args = {"pretrained": base, "dtype": "auto" if gpu else "float32", "device": "cuda" if gpu else "cpu",
             "batch_size": batch_size, "trust_remote_code": False}
     if model_dir:
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory not found: {model_dir}")
-        if os.path.isfile(os.path.join(model_dir, "adapter_config.json")):
-            args["peft"] = model_dir
-        else:
-            args["pretrained"] = model_dir
+        adapters, _ = split_models({"model": model_dir})
+        args["peft" if adapters else "pretrained"] = model_dir
         if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):
             args["tokenizer"] = model_dir  # the trained model's chat template, not the base's
     return args

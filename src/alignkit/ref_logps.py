@@ -79,12 +79,13 @@ def _contents(path: str | None) -> dict | None:
 
 def reference_identity(recipe, tokenizer) -> dict:
     """Everything the reference log-probs of `recipe`'s rows depend on."""
+    from .reliability import tokenizer_hashes
+
     resolved = recipe.resolved()
     identity = {key: resolved.get(key) for key in VALUE_KEYS}
     identity["model_name_or_path"] = _contents(recipe.model.model_name_or_path)
     identity["adapter_path"] = _contents(recipe.extras.adapter_path)
-    identity["tokenizer_sha256"] = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-    identity["chat_template"] = hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
+    identity.update(tokenizer_hashes(tokenizer))
     return json.loads(json.dumps(identity, default=str))  # as it reads back from reference.json
 
 

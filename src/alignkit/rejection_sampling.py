@@ -36,9 +36,9 @@ class RewardModelScorer:
 
     def __init__(self, path: str, chat_template: str | None = None, batch_size: int = 16):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        from .templates import resolve_chat_template
+        from .generation import load_tokenizer_only
 
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             from peft import AutoPeftModelForSequenceClassification
@@ -46,10 +46,7 @@ class RewardModelScorer:
             model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        template = resolve_chat_template(chat_template)
-        if template is not None:
-            self.tokenizer.chat_template = template
+        self.tokenizer = load_tokenizer_only(path, chat_template)
         self.tokenizer.padding_side = "right"
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model, self.batch_size = model.eval(), batch_size

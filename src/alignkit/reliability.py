@@ -211,6 +211,16 @@ def library_versions() -> dict:
     return out
 
 
+def tokenizer_hashes(tokenizer) -> dict:
+    """sha256 of the tokenizer (vocabulary, merges, normaliser) and of its chat template: what turns text into ids."""
+    template = getattr(tokenizer, "chat_template", None)
+    return {
+        "tokenizer_sha256": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+        if hasattr(tokenizer, "backend_tokenizer") else None,
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+    }
+
+
 def manifest(stage: str, *, inputs: dict[str, str], config: dict | None = None, seed: int | None = None,
              world_size: int = 1, tokenizer=None, judge: dict | None = None) -> dict:
     """What produced an output: code, environment, inputs (sha256), configuration. No secrets, no timestamps."""
@@ -228,10 +238,7 @@ def manifest(stage: str, *, inputs: dict[str, str], config: dict | None = None, 
                       "inside": os.path.exists("/.dockerenv")} if os.path.exists("/.dockerenv") else None,
     }
     if tokenizer is not None:
-        data["tokenizer_sha256"] = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest() \
-            if hasattr(tokenizer, "backend_tokenizer") else None
-        template = getattr(tokenizer, "chat_template", None)
-        data["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest() if template else None
+        data.update(tokenizer_hashes(tokenizer))
     if config is not None:
         data["config"] = redact(config)
     if judge is not None:
