@@ -176,12 +176,24 @@ def sha256_path(path: str) -> str | None:
     h = hashlib.sha256()
     base = path if os.path.isdir(path) else os.path.dirname(path)
     for file in files:
-        fh = hashlib.sha256()
+        h.update(f"{os.path.relpath(file, base)}\0{_file_sha256(file)}\n".encode())
+    return h.hexdigest()
+
+
+# (file, size, mtime) → sha256: a run reads a model once, though its reference check and its manifest both hash it
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
+def _file_sha256(file: str) -> str:
+    st = os.stat(file)
+    key = (os.path.abspath(file), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
-                fh.update(block)
-        h.update(f"{os.path.relpath(file, base)}\0{fh.hexdigest()}\n".encode())
-    return h.hexdigest()
+                digest.update(block)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
 
 
 def git_state() -> dict:
