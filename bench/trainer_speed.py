@@ -5,8 +5,8 @@ global batch, on this machine. A benchmark, not a test (`make bench`; needs the 
 
 alignkit: the recipe as alignkit resolves it (fp32 on CPU, gradient checkpointing off where memory allows, freed
 memory kept for reuse (`cpu_keep_freed_memory`), reference log-probs for DPO read from the pipeline's ref_logps
-artifact — computed once
-per reference model and data, its cost is the ref_logps stage's in bench/results/smol_pipeline.json). stock: TRL's
+artifact — computed once per reference model and data, its cost is the ref_logps stage's in
+bench/results/smol_pipeline.json). stock: TRL's
 own config defaults for everything the recipe does not state (gradient checkpointing on, random batches, reference
 forward every step), with only `bf16=False, use_cpu=True` added because TRL's bf16 default cannot run on this CPU.
 Both run one full epoch of the same rows with the same global batch.
@@ -88,8 +88,8 @@ def table(results_dir: str) -> str:
         r = {v: json.load(open(os.path.join(results_dir, f"speed_{stage}_{v}.json"))) for v in ("stock", "alignkit")}
         for v, x in r.items():
             rows.append(f"| {stage} | {v} | {x['gradient_checkpointing']} | {x['precompute_ref_log_probs']} | "
-                        f"{x.get('keeps_freed_memory', False)} | {x['sampling']} | {x['padding_fraction']:.1%} | {x['seconds_per_step']:.2f} | "
-                        f"{x['tokens_per_second']:.1f} | {x['peak_rss_gib']:.2f} | "
+                        f"{x['keeps_freed_memory']} | {x['sampling']} | {x['padding_fraction']:.1%} | "
+                        f"{x['seconds_per_step']:.2f} | {x['tokens_per_second']:.1f} | {x['peak_rss_gib']:.2f} | "
                         f"{x['utilisation_of_matmul_peak']:.1%} of {x['matmul_peak_gflops']:.0f} GFLOP/s |")
         ratios.append(f"{stage}: alignkit {r['stock']['seconds_per_step'] / r['alignkit']['seconds_per_step']:.2f}x "
                       "stock TRL per step")

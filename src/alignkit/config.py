@@ -93,7 +93,7 @@ class AlignkitArguments:
         metadata={
             "help": "Training on CPU (glibc): serve large tensors from the heap and never hand freed memory back to the "
             "OS, so each step reuses it instead of faulting in fresh zeroed pages (~20% of a smol DPO step was kernel "
-            "time). Process-wide; peak RSS can grow by ~10%."
+            "time). Process-wide; peak RSS grows a little (+5 % for the smol DPO run)."
         },
     )
     global_batch_size: int | None = field(
