@@ -44,8 +44,8 @@ def test_multi_node_command_carries_rank_and_rendezvous():
 
 def test_a_run_predicted_not_to_fit_is_refused_unless_forced(monkeypatch):
     monkeypatch.chdir(ROOT)
-    recipe = launch.preflight("dpo", "recipes/zephyr-7b-beta/dpo.yaml", ["--precompute_ref_log_probs", "false", "--ref_logps", ""],
-                              world=8, gpus=8)
+    recipe = launch.preflight("dpo", "recipes/zephyr-7b-beta/dpo.yaml",
+                              ["--precompute_ref_log_probs", "false", "--ref_logps", ""], world=8, gpus=8)
     # full DPO of 7B with DDP and TRL's default online reference: weights, reference, gradients and Adam states
     # on every GPU
     with pytest.raises(RecipeError, match=r"predicted peak .* GiB per GPU does not fit in 80 GiB .*ZeRO-3"):

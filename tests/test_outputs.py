@@ -106,3 +106,20 @@ def test_report_lmeval_and_alpacaeval_tables():
                                  "n_total": 4.0}}}
     text = render({"base": {}}, {}, [], 0, alpacaeval=judged)
     assert "| dpo | 75.000 | – | 3.000 | 0.000 | 4.000 |" in text and "Annotator: chatgpt" in text
+
+
+def test_content_digests_follow_the_files_even_when_remembered(tmp_path):
+    import hashlib
+
+    from alignkit.reliability import sha256_path
+
+    weights = tmp_path / "model" / "weights.bin"
+    weights.parent.mkdir()
+    weights.write_bytes(b"a" * 64)
+    first = sha256_path(str(weights.parent))
+    entry = f"weights.bin\0{hashlib.sha256(b'a' * 64).hexdigest()}\n"
+    assert first == hashlib.sha256(entry.encode()).hexdigest() == sha256_path(str(weights.parent))
+    stat = os.stat(weights)
+    weights.write_bytes(b"b" * 64)  # same size; a new mtime, as any rewrite gets
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert sha256_path(str(weights.parent)) not in (first, None)

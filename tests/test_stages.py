@@ -10,6 +10,8 @@ import pytest
 from conftest import tiny_recipe
 from safetensors.torch import load_file
 
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+
 
 def run_stage(stage: str, recipe: str, *extra: str) -> dict:
     from alignkit import dpo, sft
@@ -126,7 +128,6 @@ def test_saved_configs_do_not_depend_on_the_process(tmp_path, tiny_model, tiny_d
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
-
 FAULTS_PER_STEP = """
 import resource, sys, torch
 from alignkit.stage import keep_freed_memory
@@ -152,7 +153,7 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
 
     def faults(mode):
         run = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True,
-                             check=True, env={**os.environ, "PYTHONPATH": "src"})
+                             check=True, env={**os.environ, "PYTHONPATH": SRC})
         return [int(n) for n in run.stdout.split()]
 
     default, kept = faults("default"), faults("keep")
