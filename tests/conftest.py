@@ -42,7 +42,9 @@ QA = [
 TINY_TEMPLATE = CHATML  # with {% generation %} markers, like every named template
 
 
-def build_tiny_model(path: str, seed: int = 0) -> str:
+def build_tiny_model(path: str, seed: int = 0, hidden_size: int = 32) -> str:
+    """hidden 32 keeps the suite fast; QLoRA tests use 64: on CPUs with AVX-512 BF16, bitsandbytes repacks 4-bit
+    weights for inference and needs out-features divisible by 32 and in-features by the 4-bit block size (64)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -63,7 +65,8 @@ def build_tiny_model(path: str, seed: int = 0) -> str:
     tok.chat_template = TINY_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
     )
@@ -84,6 +87,12 @@ def write_jsonl(path, rows) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qlora_model(tmp_path_factory) -> str:
+    """The tiny Llama with layer sizes bitsandbytes' AVX-512 4-bit CPU kernel can pack (see build_tiny_model)."""
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-qlora") / "model"), hidden_size=64)
 
 
 @pytest.fixture(scope="session")

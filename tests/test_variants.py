@@ -29,9 +29,10 @@ def test_full_finetuning_dpo_keeps_a_reference_and_starts_at_ln2(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_qlora_nf4_double_quant_trains(tmp_path, tiny_model, tiny_data, stage):
-    # bitsandbytes >= 0.45 runs 4-bit nf4 on CPU, so the QLoRA path is exercised here for real.
-    recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, stage, load_in_4bit=True, use_bnb_nested_quant=True,
+def test_qlora_nf4_double_quant_trains(tmp_path, tiny_qlora_model, tiny_data, stage):
+    # bitsandbytes >= 0.45 runs 4-bit nf4 on CPU, so the QLoRA path is exercised here for real (on AVX2 and on
+    # AVX-512 BF16 CPUs, where evaluation and the reference pass take bitsandbytes' packed-weight kernel).
+    recipe = tiny_recipe(tmp_path, tiny_qlora_model, tiny_data, stage, load_in_4bit=True, use_bnb_nested_quant=True,
                          bnb_4bit_quant_type="nf4", max_steps=2)
     metrics = run_stage(stage, recipe)
     assert math.isfinite(metrics["train_loss"])
@@ -40,17 +41,50 @@ def test_qlora_nf4_double_quant_trains(tmp_path, tiny_model, tiny_data, stage):
     assert "adapter_model.safetensors" in os.listdir(tmp_path / f"out-{stage}")
 
 
-def test_qlora_model_is_really_4bit(tmp_path, tiny_model, tiny_data):
-    import bitsandbytes as bnb
-
+def load_4bit(tmp_path, model_dir, tiny_data):
     from alignkit import sft
     from alignkit.models import load_model, load_tokenizer
-    recipe = sft.SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", load_in_4bit=True,
+
+    recipe = sft.SPEC.parse(["--config", tiny_recipe(tmp_path, model_dir, tiny_data, "sft", load_in_4bit=True,
                                                      use_bnb_nested_quant=True)])
-    model = load_model(recipe, load_tokenizer(recipe))
+    return load_model(recipe, load_tokenizer(recipe))
+
+
+def test_qlora_model_is_really_4bit(tmp_path, tiny_qlora_model, tiny_data):
+    import bitsandbytes as bnb
+
+    model = load_4bit(tmp_path, tiny_qlora_model, tiny_data)
     linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linear4 and all(m.weight.quant_type == "nf4" for m in linear4)
     assert linear4[0].weight.quant_state.nested  # double quantisation
+
+
+def test_4bit_cpu_packing_shapes_are_checked_on_every_cpu(tmp_path, tiny_model, tiny_qlora_model, tiny_data):
+    """bitsandbytes' AVX-512 BF16 packing (pure torch, so it runs on any CPU) accepts every layer of the QLoRA test
+    model, and refuses the hidden-32 model exactly where alignkit's check does, which names the layer instead."""
+    import copy
+
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from alignkit.config import RecipeError
+    from alignkit.models import check_cpu_4bit_packing
+
+    def packs(model):
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                _convert_weight_packed_for_cpu(m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+
+    (tmp_path / "good").mkdir(), (tmp_path / "small").mkdir()
+    good = load_4bit(tmp_path / "good", tiny_qlora_model, tiny_data)
+    packs(good)
+    check_cpu_4bit_packing(good, packs=True)
+    small = load_4bit(tmp_path / "small", tiny_model, tiny_data)
+    with pytest.raises(RuntimeError, match="is invalid for input of size"):
+        packs(small)
+    with pytest.raises(RecipeError, match=r"AVX-512 BF16.*layer .*q_proj is 32 -> 32"):
+        check_cpu_4bit_packing(small, packs=True)
+    check_cpu_4bit_packing(small, packs=False)  # an AVX2-only CPU never packs: nothing to refuse
 
 
 def test_sft_with_packing(tmp_path, tiny_model, tiny_data):

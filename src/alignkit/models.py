@@ -131,6 +131,8 @@ def load_model(recipe, tokenizer, *, auto_class=None, **model_kwargs):
     )
     if "gguf_file" in kwargs:
         _drop_gguf_quantizer(model)
+    if quant is not None and getattr(quant, "load_in_4bit", False):
+        check_cpu_4bit_packing(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     if extras.adapter_path:
         from peft import PeftModel
@@ -139,6 +141,31 @@ def load_model(recipe, tokenizer, *, auto_class=None, **model_kwargs):
             raise FileNotFoundError(f"adapter_path: no adapter_config.json in {extras.adapter_path}")
         model = PeftModel.from_pretrained(model, extras.adapter_path, is_trainable=True)
     return model
+
+
+def check_cpu_4bit_packing(model, packs: bool | None = None) -> None:
+    """On a CPU with AVX-512 BF16, bitsandbytes repacks every 4-bit weight for its inference kernel the first time a
+    layer runs in eval mode without gradients (evaluation, the reference pass), and the packing needs out-features
+    divisible by 32 and in-features by the quantisation block size. Fail before training with the layer named, not
+    with a reshape error after it. `packs`: whether this machine takes that path (default: ask bitsandbytes)."""
+    import bitsandbytes as bnb
+
+    linear4 = [(name, m) for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if not linear4 or next(model.parameters()).device.type != "cpu":
+        return
+    if packs is None:
+        packs = bool(linear4[0][1].support_avx512bf16_for_cpu)
+    if not packs:
+        return
+    for name, m in linear4:
+        block = m.weight.quant_state.blocksize if m.weight.quant_state is not None else 64
+        if m.out_features % 32 or m.in_features % block:
+            from .config import RecipeError
+
+            raise RecipeError(
+                f"load_in_4bit on this CPU (AVX-512 BF16): bitsandbytes packs 4-bit weights for its CPU kernel and "
+                f"needs out-features divisible by 32 and in-features by {block}; layer {name} is "
+                f"{m.in_features} -> {m.out_features}. Use a model with such layer sizes, or a GPU")
 
 
 def _drop_gguf_quantizer(model) -> None:
