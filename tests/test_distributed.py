@@ -62,22 +62,78 @@ def check_two_processes(out_dir, one_dir) -> None:
     assert not [p for p in os.listdir(parent) if ".tmp-" in p]
 
 
+def torchrun(module: str, args: list[str], tmp) -> None:
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", module, *args], tmp)
+
+
+def deepspeed_cpu_config(tmp, zero_stage: int = 3) -> str:
+    config = tmp / f"zero{zero_stage}_cpu.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+        f"deepspeed_config: {{zero_stage: {zero_stage}, zero3_init_flag: false, offload_optimizer_device: none, "
+        "offload_param_device: none}\n"
+        f"mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nmachine_rank: 0\nmain_process_port: {free_port()}\n"
+        "rdzv_backend: static\nsame_network: true\nuse_cpu: true\n")
+    return str(config)
+
+
+def accelerate(config: str, module: str, args: list[str], tmp) -> None:
+    run([os.path.join(BIN, "accelerate"), "launch", "--config_file", config, "-m", module, *args], tmp)
+
+
 def test_ddp_two_processes_match_one(single_process):
     recipe, tmp = single_process
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "alignkit.sft", "--config", recipe, "--output_dir", str(tmp / "ddp")], tmp)
+    torchrun("alignkit.sft", ["--config", recipe, "--output_dir", str(tmp / "ddp")], tmp)
     check_two_processes(str(tmp / "ddp"), str(tmp / "one"))
 
 
 def test_deepspeed_zero3_two_processes_match_one(single_process):
     recipe, tmp = single_process
-    config = tmp / "zero3_cpu.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
-        "deepspeed_config: {zero_stage: 3, zero3_init_flag: false, offload_optimizer_device: none, "
-        "offload_param_device: none}\n"
-        f"mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nmachine_rank: 0\nmain_process_port: {free_port()}\n"
-        "rdzv_backend: static\nsame_network: true\nuse_cpu: true\n")
-    run([os.path.join(BIN, "accelerate"), "launch", "--config_file", str(config), "-m", "alignkit.sft",
-         "--config", recipe, "--output_dir", str(tmp / "zero3")], tmp)
+    accelerate(deepspeed_cpu_config(tmp), "alignkit.sft", ["--config", recipe, "--output_dir", str(tmp / "zero3")],
+               tmp)
     check_two_processes(str(tmp / "zero3"), str(tmp / "one"))
+
+
+def stored_logps(directory) -> dict:
+    out = {}
+    for split in ("train", "test"):
+        with open(os.path.join(directory, f"{split}.jsonl")) as f:
+            for line in f:
+                row = json.loads(line)
+                out[(split, row["row"], row["key"])] = (row["ref_chosen_logps"], row["ref_rejected_logps"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_one_process(tmp_path_factory, tiny_model, tiny_data):
+    tmp = tmp_path_factory.mktemp("ref")
+    recipe = tiny_recipe(tmp, tiny_model, tiny_data, "dpo", global_batch_size=8, per_device_train_batch_size=2,
+                         per_device_eval_batch_size=2, max_steps=3, seed=3)
+    run([sys.executable, "-m", "alignkit.ref_logps", "--config", recipe, "--ref_logps", str(tmp / "ref-one")], tmp)
+    run([sys.executable, "-m", "alignkit.dpo", "--config", recipe, "--output_dir", str(tmp / "dpo-one")], tmp)
+    return recipe, tmp
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "zero3"])
+def test_reference_logps_two_processes_equal_one(reference_one_process, launcher):
+    """TRL's reference pass on 2 ranks: in-memory datasets used to get a per-process cache file that rank 1 could
+    not open ('Failed to open local file /tmp/hf_datasets-…'). Both the ref_logps stage and DPO's own precompute."""
+    recipe, tmp = reference_one_process
+    ref_dir, dpo_dir = tmp / f"ref-{launcher}", tmp / f"dpo-{launcher}"
+    ref_args = ["--config", recipe, "--ref_logps", str(ref_dir)]
+    dpo_args = ["--config", recipe, "--output_dir", str(dpo_dir)]
+    if launcher == "ddp":
+        torchrun("alignkit.ref_logps", ref_args, tmp)
+        torchrun("alignkit.dpo", dpo_args, tmp)
+    else:
+        config = deepspeed_cpu_config(tmp)
+        accelerate(config, "alignkit.ref_logps", ref_args, tmp)
+        accelerate(config, "alignkit.dpo", dpo_args, tmp)
+    ours, theirs = stored_logps(ref_dir), stored_logps(tmp / "ref-one")
+    assert ours.keys() == theirs.keys() and len(ours) == 20
+    for key, values in theirs.items():
+        assert ours[key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
+    assert json.load(open(ref_dir / "manifest.json"))["world_size"] == 2
+    assert not os.path.exists(tmp / f".ref-{launcher}.checkpoints")  # the shared reference-pass files are gone
+    check_two_processes(str(dpo_dir), str(tmp / "dpo-one"))

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 
 from trl import DPOTrainer
 
@@ -53,12 +52,31 @@ _KEY_COLUMN = "alignkit_row_key"
 
 class StoredReferenceDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer; datasets that already carry the reference log-probs (attached from a `ref_logps`
-    artifact) are used as they are instead of being run through the reference model again."""
+    artifact) are used as they are instead of being run through the reference model again.
+
+    Several processes: TRL's reference pass has rank 0 write the log-probs into the dataset's cache directory and
+    every rank read them back. An in-memory dataset (alignkit's, built from normalised rows) has none, so each rank
+    would pick its own temporary file and the others could not open rank 0's. The dataset is first given a home on
+    disk that every rank shares (the run directory, beside the output), then TRL's pass runs unchanged."""
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if all(c in dataset.column_names for c in REF_COLUMNS):
             return dataset
+        if self.accelerator.num_processes > 1 and not dataset.cache_files:
+            dataset = self._shared_on_disk(dataset, name)
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _shared_on_disk(self, dataset, name):
+        import shutil
+
+        from datasets import load_from_disk
+
+        home = os.path.join(self.args.output_dir, "reference-pass", name)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(home, ignore_errors=True)
+            dataset.save_to_disk(home)
+        self.accelerator.wait_for_everyone()
+        return load_from_disk(home)
 
 
 def row_key(row: dict) -> str:
@@ -92,7 +110,7 @@ def reference_identity(recipe, tokenizer) -> dict:
 def compute(argv: list[str]) -> dict:
     """The stage: recipe → data → reference model → TRL's reference pass → the artifact, atomically."""
     from .models import atomic_output
-    from .reliability import manifest, write_manifest
+    from .reliability import checkpoint_root, manifest, remove_checkpoints, write_manifest
     from .stage import load_inputs, make_trainer, prepared, recipe_inputs
 
     recipe = SPEC.parse(argv)
@@ -110,8 +128,10 @@ def compute(argv: list[str]) -> dict:
         return prepared("ref_logps", report)
     train_ds = train_ds.add_column(_KEY_COLUMN, [row_key(r) for r in train_ds])
     eval_ds = eval_ds.add_column(_KEY_COLUMN, [row_key(r) for r in eval_ds])
-    with tempfile.TemporaryDirectory() as run_dir:  # nothing is trained or saved by the trainer
-        trainer = make_trainer(DPOTrainer, recipe, model, tokenizer, train_ds, eval_ds, run_dir=run_dir)
+    # Nothing is trained or saved; the run directory holds only what every rank of the reference pass shares. It
+    # lies beside the output (one path for all ranks and nodes), and goes once the artifact is in place.
+    run_dir = os.path.join(checkpoint_root(out_dir), "reference-pass")
+    trainer = make_trainer(StoredReferenceDPOTrainer, recipe, model, tokenizer, train_ds, eval_ds, run_dir=run_dir)
     computed = {"train": (train_ds, trainer.train_dataset), "test": (eval_ds, trainer.eval_dataset)}
 
     main = trainer.accelerator.is_main_process
@@ -137,6 +157,8 @@ def compute(argv: list[str]) -> dict:
         write_manifest(tmp, manifest("ref_logps", inputs=inputs,
                                      config=resolved, seed=recipe.train.seed, world_size=trainer.args.world_size,
                                      tokenizer=tokenizer))
+    if main:
+        remove_checkpoints(out_dir)
     logger.info("ref_logps done: %s → %s", json.dumps(summary), out_dir)
     return summary
 
