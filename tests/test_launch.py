@@ -56,8 +56,12 @@ def test_a_run_predicted_not_to_fit_is_refused_unless_forced(monkeypatch):
     assert est["peak_gib"] < 76  # sharded over 8 GPUs it fits
     launch.check_fits("dpo", recipe, "recipes/zephyr-7b-beta/dpo.yaml", world=8,
                       accelerate_config="recipes/accelerate/ddp.yaml", device_gib=80, force=True)
-    # alignkit's default, precomputed reference log-probs: no reference model in memory, and DDP fits
+    # alignkit's default, precomputed reference log-probs: no reference model in memory; still, full-parameter 7B
+    # under DDP keeps fp32 master weights, gradients, gradient buckets and Adam states on every GPU: ZeRO-3 it is
     default = launch.preflight("dpo", "recipes/zephyr-7b-beta/dpo.yaml", [], world=8, gpus=8)
+    with pytest.raises(RecipeError, match=r"predicted peak 153.0 GiB per GPU does not fit .*ddp_buckets 27.0"):
+        launch.check_fits("dpo", default, "recipes/zephyr-7b-beta/dpo.yaml", world=8,
+                          accelerate_config="recipes/accelerate/ddp.yaml", device_gib=80, force=False)
     est = launch.check_fits("dpo", default, "recipes/zephyr-7b-beta/dpo.yaml", world=8,
-                            accelerate_config="recipes/accelerate/ddp.yaml", device_gib=80, force=False)
-    assert est["parts_gib"]["reference"] == 0 and est["peak_gib"] < 76
+                            accelerate_config="recipes/accelerate/zero3.yaml", device_gib=80, force=False)
+    assert est["parts_gib"]["reference"] == 0 and est["parts_gib"]["ddp_buckets"] == 0 and est["peak_gib"] < 40

@@ -34,7 +34,13 @@ def test_zero_stages_shard_what_they_should(monkeypatch):
     recipe = dpo.SPEC.parse(["--config", "recipes/zephyr-7b-beta/dpo.yaml"], for_check=True)
     a = plan.KNOWN["mistralai/Mistral-7B-v0.1"]
     parts = {z: plan.estimate(recipe, "dpo", a, world=8, device="cuda", zero=z)["parts_gib"] for z in (0, 1, 2, 3)}
-    assert parts[1]["optimizer"] == pytest.approx(parts[0]["optimizer"] * 12 / 4 / 8, rel=1e-3)  # fp32 master+Adam
+    n = plan.parameter_counts(a)["total"]
+    # DDP: fp32 weights (the masters, bf16 autocast), fp32 gradients, Adam's two fp32 states, the gradient buckets
+    assert [parts[0][k] * plan.GiB / n for k in ("weights", "gradients", "optimizer", "ddp_buckets")] == \
+        pytest.approx([4, 4, 8, 4], rel=1e-3)
+    assert parts[1]["weights"] * plan.GiB / n == pytest.approx(2, rel=1e-3)  # DeepSpeed: bf16 weights
+    assert parts[1]["optimizer"] == pytest.approx(parts[0]["optimizer"] * 12 / 8 / 8, rel=1e-3)  # fp32 master+Adam
+    assert parts[1]["ddp_buckets"] == 0
     assert parts[2]["gradients"] == pytest.approx(parts[1]["gradients"] / 8, rel=1e-3)
     assert parts[3]["weights"] == pytest.approx(parts[2]["weights"] / 8, rel=1e-3)
     assert parts[0]["reference"] == 0  # reference log-probs precomputed (the DPO default): no frozen copy

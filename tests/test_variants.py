@@ -112,3 +112,36 @@ def test_gguf_path_is_split_into_directory_and_file(tmp_path):
     assert model_location("org/model", "x.gguf") == ("org/model", {"gguf_file": "x.gguf"})
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         model_location(str(tmp_path / "missing.gguf"), None)
+
+
+@pytest.mark.parametrize("keys,deepspeed,expected", [
+    ({"use_peft": True}, False, "bfloat16"),  # a frozen base: half precision
+    ({"use_peft": False}, False, "float32"),  # trained weights: fp32 masters under autocast
+    ({"use_peft": False, "dtype": "auto"}, False, "float32"),
+    ({"use_peft": False}, True, "bfloat16"),  # DeepSpeed keeps the fp32 masters itself
+    ({"use_peft": False, "dtype": "float16"}, False, "float16"),  # stated: honoured (with a warning)
+    ({"use_peft": True, "dtype": "float32"}, False, "float32"),
+])
+def test_load_dtype_follows_what_is_trained(tmp_path, tiny_model, tiny_data, monkeypatch, keys, deepspeed, expected):
+    import torch
+
+    from alignkit import dpo
+    from alignkit.models import torch_dtype
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true" if deepspeed else "false")
+    recipe = dpo.SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", bf16=True, use_cpu=True,
+                                                     **keys)])
+    trains_all = not recipe.model.use_peft
+    assert torch_dtype(recipe, trains_all_weights=trains_all) == getattr(torch, expected)
+
+
+def test_bf16_on_cpu_only_when_stated(tmp_path, tiny_model, tiny_data):
+    from alignkit import dpo
+    from alignkit.config import RecipeError, cuda_info
+
+    if cuda_info()[0]:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RecipeError, match=r"needs a CUDA GPU \(bf16: true\)"):
+        dpo.SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", bf16=True)])
+    assert dpo.SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", bf16=True,
+                                                   use_cpu=True)]).train.bf16

@@ -325,16 +325,27 @@ def validate(recipe: Recipe, *, for_check: bool, has_cuda: bool, stage_check=Non
         resolve_chat_template(x.chat_template)
     except ValueError as e:
         fail(str(e))
-    needs_gpu = x.requires_gpu or t.bf16 or t.fp16 or m.load_in_4bit or m.load_in_8bit
-    if needs_gpu and not has_cuda and not for_check:
-        # m.load_in_4bit runs on CPU with bitsandbytes >= 0.45, but only bf16/fp16/requires_gpu are GPU-only.
-        if x.requires_gpu or t.bf16 or t.fp16:
-            which = "requires_gpu" if x.requires_gpu else ("bf16" if t.bf16 else "fp16")
-            fail(f"this recipe needs a CUDA GPU ({which}: true) and this machine has none; nothing was loaded")
+    if needs_gpu(recipe) and not has_cuda and not for_check:  # (4-bit runs on CPU with bitsandbytes >= 0.45)
+        which = "requires_gpu" if x.requires_gpu else ("fp16" if recipe.asks("fp16") else "bf16")
+        fail(f"this recipe needs a CUDA GPU ({which}: true) and this machine has none; nothing was loaded")
     if x.global_batch_size is not None:
         derive_accumulation(recipe, world_size(), fail)
     if stage_check is not None:
         stage_check(recipe, fail)
+
+
+def cpu_bf16(recipe: Recipe) -> bool:
+    """bf16 asked for on CPU on purpose (`use_cpu: true` stated beside it): bf16 autocast, fp32 weights where they
+    are trained. Worth it on CPUs with AVX-512 BF16; ~10x slower on AVX2-only CPUs, and not bit-reproducible across
+    instruction sets as the fp32 default is."""
+    return recipe.asks("bf16") and "use_cpu" in recipe.explicit_keys and bool(recipe.train.use_cpu)
+
+
+def needs_gpu(recipe: Recipe) -> bool:
+    """Whether a recipe can only run on CUDA GPUs: it says so, or it asks for half precision (except bf16 on CPU
+    by choice, see cpu_bf16)."""
+    x = recipe.extras
+    return bool(x.requires_gpu or recipe.asks("fp16") or (recipe.asks("bf16") and not cpu_bf16(recipe)))
 
 
 def world_size() -> int:

@@ -36,13 +36,12 @@ def preflight(stage: str, recipe_path: str, overrides: list[str], *, world: int,
     import importlib
 
     from .cli import STAGES
-    from .config import RecipeError, derive_accumulation
+    from .config import RecipeError, derive_accumulation, needs_gpu
 
     if stage not in STAGES:
         raise UsageError(f"unknown stage '{stage}' (one of: {', '.join(STAGES)})")
     recipe = importlib.import_module(STAGES[stage]).SPEC.parse(["--config", recipe_path, *overrides], for_check=True)
-    needs_gpu = recipe.extras.requires_gpu or recipe.asks("bf16") or recipe.asks("fp16")
-    if needs_gpu and gpus == 0:
+    if needs_gpu(recipe) and gpus == 0:
         raise RecipeError(f"{recipe_path}: this recipe needs CUDA GPUs and this machine has none; nothing was "
                           "loaded. Run it on a GPU host (make train-*, sbatch slurm/<stage>.sh, docker run --gpus all)")
     if recipe.extras.global_batch_size is not None:
@@ -59,9 +58,9 @@ def check_fits(stage: str, recipe, recipe_path: str, *, world: int, accelerate_c
     from .config import RecipeError
     from .plan import architecture, estimate, zero_stage
 
-    zero, _ = zero_stage(accelerate_config)
+    zero, fsdp = zero_stage(accelerate_config)
     est = estimate(recipe, stage, architecture(recipe.model.model_name_or_path, recipe.extras.gguf_file, recipe_path),
-                   world=world, device="cuda", zero=zero)
+                   world=world, device="cuda", zero=zero, fsdp=bool(fsdp))
     if est["peak_gib"] > device_gib * 0.95 and not force:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in est["parts_gib"].items() if v)
         raise RecipeError(f"{recipe_path}: predicted peak {est['peak_gib']:.1f} GiB per GPU does not fit in "

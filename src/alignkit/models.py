@@ -61,12 +61,28 @@ def load_tokenizer(recipe, *, require_chat_template: bool = True):
     return tokenizer
 
 
-def torch_dtype(model_args, train_args):
+def deepspeed_enabled(train_args) -> bool:
+    """Whether DeepSpeed runs this process (accelerate launch sets the variable; a TrainingArguments config too)."""
+    return bool(getattr(train_args, "deepspeed", None)) or \
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def torch_dtype(recipe, *, trains_all_weights: bool = False):
+    """The dtype weights are loaded in: the recipe's `dtype` when it sets one (TRL's own default, float32, counts
+    as unset), else from the precision. Half precision for weights that stay frozen (LoRA/QLoRA bases); for
+    full-parameter training fp32 under bf16/fp16 autocast — the optimiser must update fp32 master weights, or at
+    lr 5e-7 almost every update rounds away in bf16 — except under DeepSpeed, which keeps fp32 masters itself."""
     import torch
 
-    name = model_args.dtype
+    model_args, train_args = recipe.model, recipe.train
+    name = model_args.dtype if "dtype" in recipe.explicit_keys else None
     if name in (None, "auto"):
         name = "bfloat16" if train_args.bf16 else ("float16" if train_args.fp16 else "float32")
+        if trains_all_weights and name != "float32" and not deepspeed_enabled(train_args):
+            name = "float32"
+    elif trains_all_weights and DTYPES.get(name) != "float32" and not deepspeed_enabled(train_args):
+        logger.warning("dtype %s with full-parameter training and no DeepSpeed: the optimiser updates weights in "
+                       "%s, where small updates round away; unset dtype for fp32 weights under autocast", name, name)
     if name not in DTYPES:
         raise ValueError(f"dtype: {name!r} is not one of {', '.join(sorted(DTYPES))}")
     return getattr(torch, DTYPES[name])
@@ -124,7 +140,7 @@ def load_model(recipe, tokenizer, *, auto_class=None, **model_kwargs):
         path,
         revision=model_args.model_revision,
         trust_remote_code=trust_remote_code(recipe),
-        dtype=torch_dtype(model_args, train_args),
+        dtype=torch_dtype(recipe, trains_all_weights=not (model_args.use_peft or extras.adapter_path)),
         attn_implementation=model_args.attn_implementation or "sdpa",
         **kwargs,
         **model_kwargs,

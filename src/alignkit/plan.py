@@ -4,13 +4,15 @@
     alignkit plan recipes/anima-33b/dpo.yaml --gpus 1xH100-80GB
 
 Peak memory per GPU is the sum of
-  weights        bf16 (2 B/param; fp32 on CPU), or nf4 for QLoRA (0.5 B + double-quantised scales, ~4.13 bits)
+  weights        bf16 (2 B/param) when frozen (LoRA) or under DeepSpeed; fp32 when trained without DeepSpeed (the
+                 optimiser's master weights, bf16 autocast) and on CPU; nf4 for QLoRA (~4.13 bits)
   reference      a second frozen copy for full-parameter DPO/KTO; none under LoRA (adapter disabled) or with
                  precomputed reference log-probs
   trainable      gradients + optimiser states: Adam keeps two states per trainable parameter (fp32 for the
                  32-bit optimisers and under DeepSpeed, which also keeps fp32 master weights; the parameter's
                  dtype for torch AdamW; 1 B each for 8-bit optimisers); ZeRO-1/2/3 divide the optimiser states /
-                 + gradients / + weights by the world size; LoRA trains r·(in+out) per adapted linear layer
+                 + gradients / + weights by the world size; LoRA trains r·(in+out) per adapted linear layer; DDP
+                 keeps a second copy of the trainable gradients in its all-reduce buckets
   activations    per token and layer: 34·h bytes without checkpointing (attention through SDPA/flash: no
                  s² term), 2·h with checkpointing plus one layer recomputed; tokens = micro-batch × max_length ×
                  2 for pair losses (chosen and rejected go through together)
@@ -152,17 +154,21 @@ def zero_stage(accelerate_config: str | None) -> tuple[int, str | None]:
     return 0, None
 
 
-def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int = 0,
+def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int = 0, fsdp: bool = False,
              utilisation: float = 0.4, peak_tflops: float | None = None, seq_length: float | None = None) -> dict:
     """Predicted peak memory per device (bytes, by part) and seconds per optimiser step. `seq_length`: tokens per
-    sequence in the largest (padded) micro-batch; default the recipe's max_length, the worst case."""
+    sequence in the largest (padded) micro-batch; default the recipe's max_length, the worst case. `zero` is the
+    sharding stage (FSDP full shard counts as 3, with `fsdp`)."""
     m, t, x = recipe.model, recipe.train, recipe.extras
     cpu = device == "cpu"
     counts = parameter_counts(a)
     N, h, L = counts["total"], a["hidden_size"], a["num_hidden_layers"]
-    wbytes = 4 if cpu else 2
     lora = bool(m.use_peft or x.adapter_path)
     qlora = lora and bool(m.load_in_4bit)
+    deepspeed = zero > 0 and not fsdp
+    # full-parameter training without DeepSpeed loads fp32 weights (the optimiser's masters) under bf16 autocast
+    # (models.torch_dtype); DeepSpeed loads bf16 and keeps its own fp32 masters (counted in its optimiser states)
+    wbytes = 4 if cpu or (not lora and not deepspeed) else 2
     trainable = lora_parameters(a, m.lora_r, m.lora_target_modules) if lora else N
     shard_w = world if zero == 3 else 1
     shard_g = world if zero >= 2 else 1
@@ -179,7 +185,7 @@ def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int 
     if lora:
         parts["adapter"] = trainable * pbytes
     optim = str(getattr(t.optim, "value", t.optim))
-    if zero:
+    if deepspeed:
         state_bytes = 12  # DeepSpeed: fp32 master + two fp32 Adam states
     elif "8bit" in optim:
         state_bytes = 2
@@ -188,6 +194,8 @@ def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int 
     else:
         state_bytes = 2 * pbytes
     parts["gradients"] = trainable * pbytes / shard_g
+    # DDP all-reduces through its own gradient buckets: a second copy of every trainable gradient
+    parts["ddp_buckets"] = trainable * pbytes if world > 1 and not zero else 0
     parts["optimizer"] = trainable * state_bytes / shard_o
     pair = 2 if stage in PAIR_STAGES or stage == "kto" else 1
     # worst case: every sequence at max_length (batches are padded to their longest sequence)
@@ -250,6 +258,7 @@ def run(argv: list[str]) -> int:
         recipe = preflight(stage, path, [], world=world, gpus=count)  # validated, accumulation for this world
         a = architecture(recipe.model.model_name_or_path, recipe.extras.gguf_file, path)
         est = estimate(recipe, stage, a, world=world, device="cpu" if kind == "cpu" else "cuda", zero=zero,
+                       fsdp=bool(fsdp),
                        utilisation=args.utilisation, peak_tflops=peak)
         fits = usable is None or est["peak_gib"] <= usable * 0.95
         worst = max(worst, 0 if fits else 1)
