@@ -68,12 +68,20 @@ def torchrun(module: str, args: list[str], tmp) -> None:
 
 
 def deepspeed_cpu_config(tmp, zero_stage: int = 3) -> str:
+    """An accelerate config for DeepSpeed on 2 CPU processes. The DeepSpeed config sets the ZeRO-3 persistence
+    threshold to 0: by default parameters under 1e5 elements — every one of the tiny model's — stay whole on every
+    rank, and ZeRO-3's partitioning (what makes a main-process-only merge or save write (0,) tensors) never shows."""
+    ds = tmp / f"ds_zero{zero_stage}.json"
+    ds.write_text(json.dumps({
+        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+        "gradient_clipping": "auto", "bf16": {"enabled": False}, "fp16": {"enabled": False}}))
     config = tmp / f"zero{zero_stage}_cpu.yaml"
     config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
-        f"deepspeed_config: {{zero_stage: {zero_stage}, zero3_init_flag: false, offload_optimizer_device: none, "
-        "offload_param_device: none}\n"
-        f"mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nmachine_rank: 0\nmain_process_port: {free_port()}\n"
+        f"deepspeed_config: {{deepspeed_config_file: {ds}, zero3_init_flag: false}}\n"
+        f"num_machines: 1\nnum_processes: 2\nmachine_rank: 0\nmain_process_port: {free_port()}\n"
         "rdzv_backend: static\nsame_network: true\nuse_cpu: true\n")
     return str(config)
 
@@ -153,3 +161,61 @@ def test_full_parameter_bf16_under_ddp_updates_fp32_master_weights(tmp_path, tin
     assert {after[k].dtype for k in before} == {before[k].dtype for k in before}  # fp32 as loaded
     changed = sum(int((after[k] != before[k]).sum()) for k in trained)
     assert changed == sum(before[k].numel() for k in trained)
+
+
+def saved_shapes(directory) -> dict:
+    from safetensors import safe_open
+
+    shapes = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), "pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def saved_one_process(tmp_path_factory, tiny_model, tiny_data):
+    tmp = tmp_path_factory.mktemp("save")
+    common = dict(global_batch_size=4, per_device_train_batch_size=2, max_steps=2, seed=3)
+    lora = tiny_recipe(tmp, tiny_model, tiny_data, "sft", merge_adapter=True, **common)
+    (tmp / "full").mkdir()
+    full = tiny_recipe(tmp / "full", tiny_model, tiny_data, "sft", use_peft=False, **common)
+    for recipe, out in ((lora, "lora-one"), (full, "full-one")):
+        run([sys.executable, "-m", "alignkit.sft", "--config", recipe, "--output_dir", str(tmp / out)], tmp)
+    return {"lora": lora, "full": full}, tmp
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_nothing_saved_empty_or_partial_under_sharding(saved_one_process, launcher, kind):
+    """Every tensor written on 2 processes — the adapter, the merged model (merge_adapter) and a full model — has
+    the shape of the 1-process save, and the merge is the run's own adapter merged into the base: merging in memory
+    under ZeRO-3 wrote (0,) tensors."""
+    recipes, tmp = saved_one_process
+    out = tmp / f"{kind}-{launcher}"
+    args = ["--config", recipes[kind], "--output_dir", str(out)]
+    if launcher == "ddp":
+        torchrun("alignkit.sft", args, tmp)
+    else:
+        accelerate(deepspeed_cpu_config(tmp, int(launcher[-1])), "alignkit.sft", args, tmp)
+    assert json.load(open(out / "metrics.json"))["world_size"] == 2
+    one = tmp / f"{kind}-one"
+    for sub in (["", "merged"] if kind == "lora" else [""]):
+        ours, theirs = saved_shapes(out / sub), saved_shapes(one / sub)
+        # ZeRO-3's gathered state dict also writes the tied head (the embedding's shape); one process leaves it out
+        if "lm_head.weight" in ours and "lm_head.weight" not in theirs:
+            assert ours.pop("lm_head.weight") == theirs["model.embed_tokens.weight"]
+        assert ours and ours == theirs and all(0 not in s for s in ours.values()), sub
+    if kind == "lora":  # merged = base + (alpha / r) · B A of this run's own adapter, on every LoRA layer
+        base = load_file(os.path.join(json.load(open(out / "adapter_config.json"))["base_model_name_or_path"],
+                                      "model.safetensors"))
+        merged, adapter = load_file(str(out / "merged" / "model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+        scale = 8 / 4  # tiny_recipe: lora_alpha 8, r 4
+        lora_layers = [k.removesuffix(".lora_A.weight") for k in adapter if k.endswith(".lora_A.weight")]
+        assert len(lora_layers) == 14  # 7 projections x 2 layers
+        for layer in lora_layers:
+            key = layer.removeprefix("base_model.model.") + ".weight"
+            delta = scale * adapter[layer + ".lora_B.weight"] @ adapter[layer + ".lora_A.weight"]
+            assert merged[key].allclose(base[key] + delta, atol=1e-6), key
+            assert delta.abs().max() > 0

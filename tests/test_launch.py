@@ -65,3 +65,50 @@ def test_a_run_predicted_not_to_fit_is_refused_unless_forced(monkeypatch):
     est = launch.check_fits("dpo", default, "recipes/zephyr-7b-beta/dpo.yaml", world=8,
                             accelerate_config="recipes/accelerate/zero3.yaml", device_gib=80, force=False)
     assert est["parts_gib"]["reference"] == 0 and est["parts_gib"]["ddp_buckets"] == 0 and est["peak_gib"] < 40
+
+
+def test_the_accelerate_config_follows_the_recipe_and_impossible_pairs_are_refused(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    recipes = {name: launch.preflight("sft" if "sft" in name else "dpo", f"recipes/{name}.yaml", [], world=8, gpus=8)
+               for name in ("zephyr-7b-beta/sft", "zephyr-7b-beta/dpo", "zephyr-7b-beta/sft-qlora",
+                            "zephyr-7b-beta/dpo-qlora", "anima-33b/dpo")}
+    assert {n: os.path.basename(launch.default_accelerate_config(r)) for n, r in recipes.items()} == {
+        "zephyr-7b-beta/sft": "zero3.yaml", "zephyr-7b-beta/dpo": "zero3.yaml", "zephyr-7b-beta/sft-qlora": "ddp.yaml",
+        "zephyr-7b-beta/dpo-qlora": "ddp.yaml", "anima-33b/dpo": "ddp.yaml"}
+    configs = {c: launch.read_accelerate_config(f"recipes/accelerate/{c}.yaml") for c in ("ddp", "zero2", "zero3", "fsdp")}
+    for name in ("ddp", "zero2"):
+        launch.check_launch(recipes["anima-33b/dpo"], "anima", name, configs[name])
+    for name in ("zero3", "fsdp"):
+        with pytest.raises(RecipeError, match="QLoRA .* under ZeRO-3 or FSDP: 4-bit weights cannot be sharded"):
+            launch.check_launch(recipes["zephyr-7b-beta/dpo-qlora"], "qlora", name, configs[name])
+        launch.check_launch(recipes["zephyr-7b-beta/dpo"], "full", name, configs[name])
+    # configs whose final save writes no weights
+    sharded = {**configs["fsdp"], "fsdp_config": {**configs["fsdp"]["fsdp_config"],
+                                                 "fsdp_state_dict_type": "SHARDED_STATE_DICT"}}
+    no_gather = {**configs["zero3"], "deepspeed_config": {**configs["zero3"]["deepspeed_config"],
+                                                         "zero3_save_16bit_model": False}}
+    assert launch.accelerate_config_problems(sharded)[0].startswith("fsdp_state_dict_type SHARDED_STATE_DICT")
+    assert "zero3_save_16bit_model" in launch.accelerate_config_problems(no_gather)[0]
+    assert not any(launch.accelerate_config_problems(c) for c in configs.values())
+    with pytest.raises(RecipeError, match="writes no weights"):
+        launch.check_launch(recipes["zephyr-7b-beta/dpo"], "full", "sharded", sharded)
+
+
+def test_launch_picks_zero3_for_full_recipes_when_none_is_named(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(launch, "gpus_here", lambda: 8)
+    monkeypatch.setattr(launch, "gpu_gib", lambda: 80.0)
+    assert launch.main(["dpo", "--config", "recipes/zephyr-7b-beta/dpo.yaml", "--dry_run"]) == 0
+    assert "--config_file recipes/accelerate/zero3.yaml --num_processes 8" in capsys.readouterr().out
+    assert launch.main(["dpo", "--config", "recipes/zephyr-7b-beta/dpo-qlora.yaml", "--dry_run"]) == 0
+    assert "--config_file recipes/accelerate/ddp.yaml --num_processes 8" in capsys.readouterr().out
+    assert launch.main(["dpo", "--config", "recipes/zephyr-7b-beta/dpo-qlora.yaml", "--dry_run",
+                        "--accelerate_config", "recipes/accelerate/zero3.yaml"]) == 2
+    assert "4-bit weights cannot be sharded" in capsys.readouterr().err
+
+
+def test_srun_gets_the_cpus_per_task_sbatch_was_given():
+    # Slurm >= 22.05: srun no longer inherits --cpus-per-task from sbatch (one CPU per task otherwise)
+    script = open(os.path.join(ROOT, "slurm", "launch.sh")).read()
+    srun = script[script.index("\nsrun "):].split("bash -c")[0]
+    assert '--cpus-per-task="${SLURM_CPUS_PER_TASK' in srun

@@ -123,3 +123,24 @@ def test_content_digests_follow_the_files_even_when_remembered(tmp_path):
     weights.write_bytes(b"b" * 64)  # same size; a new mtime, as any rewrite gets
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert sha256_path(str(weights.parent)) not in (first, None)
+
+
+def test_a_save_of_empty_missing_or_mis_shaped_tensors_fails(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from alignkit.models import SaveError, verify_saved
+
+    expected = {"model.layers.0.mlp.up_proj.weight": (64, 32), "model.norm.weight": (32,)}
+    with pytest.raises(SaveError, match="no weights were written"):
+        verify_saved(str(tmp_path), expected)
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(0), "model.norm.weight": torch.zeros(32)},
+              str(tmp_path / "model.safetensors"))  # what a main-process save of ZeRO-3 partitions writes
+    with pytest.raises(SaveError, match=r"1 empty tensors, e.g. model.layers.0.mlp.up_proj.weight"):
+        verify_saved(str(tmp_path), expected)
+    save_file({"model.norm.weight": torch.zeros(16)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(SaveError, match=r"1 mis-shaped, e.g. model.norm.weight \(16,\) \(model \(32,\)\); 1 missing"):
+        verify_saved(str(tmp_path), expected)
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32), "model.norm.weight": torch.zeros(32)},
+              str(tmp_path / "model.safetensors"))
+    verify_saved(str(tmp_path), expected)

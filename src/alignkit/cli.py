@@ -64,6 +64,12 @@ def check_accelerate_config(path: str) -> bool:
     except (ValueError, TypeError, KeyError) as e:
         print(f"FAIL {path}: not a valid accelerate config: {e}")
         return False
+    from .launch import accelerate_config_problems, read_accelerate_config
+
+    problems = accelerate_config_problems(read_accelerate_config(path))
+    if problems:
+        print(f"FAIL {path}: " + "; ".join(problems))
+        return False
     zero = (config.deepspeed_config or {}).get("zero_stage")
     print(f"ok   {path}: accelerate {config.distributed_type.value}" + (f", ZeRO-{zero}" if zero else ""))
     return True

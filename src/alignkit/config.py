@@ -315,6 +315,9 @@ def validate(recipe: Recipe, *, for_check: bool, has_cuda: bool, stage_check=Non
         fail("load_in_4bit and load_in_8bit are mutually exclusive")
     if (m.load_in_4bit or m.load_in_8bit) and not m.use_peft:
         fail("QLoRA (load_in_4bit/load_in_8bit) needs use_peft: true — a quantised base cannot be fully fine-tuned")
+    if x.merge_adapter and not (m.use_peft or x.adapter_path):
+        fail("merge_adapter: true needs a LoRA run (use_peft: true or adapter_path); a full fine-tune is already "
+             "a whole model")
     if x.adapter_path and m.use_peft:
         fail("adapter_path continues training an existing adapter; do not also set use_peft (a new adapter)")
     if recipe.asks("bf16") and recipe.asks("fp16"):

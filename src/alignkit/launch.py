@@ -30,6 +30,12 @@ def gpus_here() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def gpu_gib() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
 def preflight(stage: str, recipe_path: str, overrides: list[str], *, world: int, gpus: int):
     """Validate `recipe_path` for a run of `world` processes on machines with `gpus` GPUs each; return the
     recipe (with gradient accumulation derived for that world size)."""
@@ -69,6 +75,58 @@ def check_fits(stage: str, recipe, recipe_path: str, *, world: int, accelerate_c
     return est
 
 
+ACCELERATE_CONFIGS = "recipes/accelerate"
+
+
+def default_accelerate_config(recipe) -> str:
+    """The accelerate config a recipe runs under unless one is named: data parallel for LoRA and QLoRA (the frozen
+    base fits each GPU; 4-bit weights cannot be sharded here), ZeRO-3 for full-parameter training (a 7B model's
+    fp32 masters, gradients and Adam states do not fit one GPU)."""
+    lora = recipe.model.use_peft or recipe.extras.adapter_path
+    return os.path.join(ACCELERATE_CONFIGS, "ddp.yaml" if lora else "zero3.yaml")
+
+
+def read_accelerate_config(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"accelerate config not found: {path}")
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict) or "distributed_type" not in config:
+        raise UsageError(f"{path}: not an accelerate config (no distributed_type)")
+    return config
+
+
+def accelerate_config_problems(config: dict) -> list[str]:
+    """What in an accelerate config makes the final save write no (or empty) weights."""
+    problems = []
+    kind = config.get("distributed_type")
+    fsdp, ds = config.get("fsdp_config") or {}, config.get("deepspeed_config") or {}
+    if kind == "FSDP" and fsdp.get("fsdp_state_dict_type", "FULL_STATE_DICT") != "FULL_STATE_DICT":
+        problems.append(f"fsdp_state_dict_type {fsdp['fsdp_state_dict_type']}: Trainer.save_model writes no weights "
+                        "with it; use FULL_STATE_DICT")
+    if kind == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3 and not ds.get("zero3_save_16bit_model"):
+        problems.append("ZeRO-3 without zero3_save_16bit_model: true: the final save holds no gathered weights")
+    return problems
+
+
+def check_launch(recipe, recipe_path: str, config_path: str, config: dict) -> None:
+    """Refuse a recipe/accelerate-config pair that cannot work, before anything loads."""
+    from .config import RecipeError
+
+    problems = accelerate_config_problems(config)
+    sharded = config.get("distributed_type") == "FSDP" or (
+        config.get("distributed_type") == "DEEPSPEED" and int((config.get("deepspeed_config") or {})
+                                                             .get("zero_stage", 0)) == 3)
+    if sharded and (recipe.model.load_in_4bit or recipe.model.load_in_8bit):
+        problems.append("QLoRA (load_in_4bit/8bit) under ZeRO-3 or FSDP: 4-bit weights cannot be sharded without "
+                        "bnb_4bit_quant_storage, which alignkit does not set; use recipes/accelerate/ddp.yaml or "
+                        "zero2.yaml")
+    if problems:
+        raise RecipeError(f"{recipe_path} with {config_path}: " + "; ".join(problems))
+
+
 def accelerate_command(stage: str, recipe_path: str, overrides: list[str], *, config: str, world: int,
                        machines: int, rank: int, address: str | None, port: int) -> list[str]:
     exe = shutil.which("accelerate") or "accelerate"
@@ -83,7 +141,8 @@ def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="alignkit launch", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", nargs="?", help="cpt, sft, dpo, orpo, cpo, kto or reward")
     p.add_argument("--config", help="the stage's recipe")
-    p.add_argument("--accelerate_config", default="recipes/accelerate/ddp.yaml")
+    p.add_argument("--accelerate_config", default="auto",
+                   help="an accelerate config; auto (default): ddp.yaml for LoRA/QLoRA, zero3.yaml for full training")
     p.add_argument("--num_machines", type=int, default=int(os.environ.get("SLURM_NNODES", "1")))
     p.add_argument("--machine_rank", type=int, default=int(os.environ.get("SLURM_NODEID", "0")))
     p.add_argument("--main_process_ip", default=os.environ.get("MASTER_ADDR"))
@@ -105,22 +164,26 @@ def run(argv: list[str]) -> int:
         return 0
     if not args.stage or not args.config:
         raise UsageError("alignkit launch STAGE --config RECIPE [--accelerate_config CONFIG] [--key value ...]")
-    world = args.num_machines * max(gpus, 1)
+    config_path = args.accelerate_config
+    if config_path == "auto":
+        config_path = default_accelerate_config(preflight(args.stage, args.config, overrides, world=1, gpus=gpus))
+    config = read_accelerate_config(config_path)
+    # On CPU, a config that says use_cpu with several processes (the CPU twins of multi-GPU runs) is launched as it
+    # is; any other runs the stage in this process.
+    per_machine = gpus or (int(config.get("num_processes", 1)) if config.get("use_cpu") else 1)
+    world = args.num_machines * per_machine
     recipe = preflight(args.stage, args.config, overrides, world=world, gpus=gpus)
+    check_launch(recipe, args.config, config_path, config)
     if gpus:
-        import torch
-
-        check_fits(args.stage, recipe, args.config, world=world, accelerate_config=args.accelerate_config,
-                   device_gib=torch.cuda.get_device_properties(0).total_memory / 2**30, force=args.force)
-    if gpus == 0:  # a CPU twin: one process, no launcher
+        check_fits(args.stage, recipe, args.config, world=world, accelerate_config=config_path,
+                   device_gib=gpu_gib(), force=args.force)
+    elif world == 1:  # a CPU twin on one process: no launcher
         import importlib
 
         from .cli import STAGES
 
         return importlib.import_module(STAGES[args.stage]).main(["--config", args.config, *overrides])
-    if not os.path.isfile(args.accelerate_config):
-        raise FileNotFoundError(f"accelerate config not found: {args.accelerate_config}")
-    cmd = accelerate_command(args.stage, args.config, overrides, config=args.accelerate_config, world=world,
+    cmd = accelerate_command(args.stage, args.config, overrides, config=config_path, world=world,
                              machines=args.num_machines, rank=args.machine_rank, address=args.main_process_ip,
                              port=args.main_process_port)
     print(" ".join(cmd), flush=True)

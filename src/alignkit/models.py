@@ -261,10 +261,12 @@ def _drop_run_flags(data: dict) -> None:
     data.pop("local_files_only", None)
 
 
-def save_trained(trainer, tokenizer, out_dir: str, merge: bool) -> None:
-    """Save the model (or adapter) as safetensors plus the tokenizer; optionally a merged copy under merged/."""
+def save_trained(trainer, tokenizer, out_dir: str, merge_into=None) -> None:
+    """Save the model (or adapter) as safetensors plus the tokenizer, then check what was written. Every rank calls
+    this (ZeRO-3 and FSDP gather the weights from all of them); the main process writes. `merge_into(out_dir)`, when
+    given, writes the adapter merged into its base under merged/ (see merge_saved_adapter)."""
     model = trainer.model
-    main = trainer.args.should_save  # the main process; trainer.save_model is called on every rank (ZeRO-3)
+    main = trainer.args.should_save
     if hasattr(model, "peft_config") and len(model.peft_config) > 1:
         # DPO from an SFT adapter adds a frozen "ref" copy of it; only the trained adapter is the result.
         if main:
@@ -275,11 +277,99 @@ def save_trained(trainer, tokenizer, out_dir: str, merge: bool) -> None:
         return
     tokenizer.save_pretrained(out_dir)
     normalize_saved_configs(out_dir)
-    if merge:
-        if not hasattr(model, "merge_and_unload"):
-            raise ValueError("merge_adapter: true needs a LoRA run (use_peft or adapter_path)")
-        # merge only the trained adapter (a DPO run from an SFT adapter also holds a frozen "ref" copy)
-        merged = model.merge_and_unload(adapter_names=["default"])
-        merged.save_pretrained(os.path.join(out_dir, "merged"))
-        tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
-        normalize_saved_configs(os.path.join(out_dir, "merged"))
+    verify_saved(out_dir, expected_shapes(model))
+    if merge_into is not None:  # (config.validate refuses merge_adapter without an adapter)
+        merge_into(out_dir)
+
+
+class SaveError(RuntimeError):
+    """What was saved is not the model that was trained (missing, empty or mis-shaped tensors)."""
+
+
+def _saved_name(name: str) -> str:
+    """A parameter's or saved tensor's name without wrapper prefixes and PEFT's adapter name, so the two compare."""
+    for prefix in ("module.", "base_model.model.", "_orig_mod."):
+        name = name.removeprefix(prefix)
+    return name.replace(".default.", ".").replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
+
+
+def expected_shapes(model) -> dict[str, tuple]:
+    """{saved name: full shape} of what a save must contain: the trainable parameters of a PEFT model (its adapter),
+    every parameter of a full one. Sharded parameters report their full shape (ZeRO-3: `ds_shape`; FSDP2's
+    DTensors: `shape`), so this needs no gather."""
+    peft = hasattr(model, "peft_config")
+    shapes = {}
+    for name, p in model.named_parameters():
+        if peft and (not p.requires_grad or ".ref." in name):
+            continue
+        shapes[_saved_name(name)] = tuple(getattr(p, "ds_shape", None) or p.shape)
+    return shapes
+
+
+def verify_saved(out_dir: str, expected: dict[str, tuple]) -> None:
+    """Read back every tensor's shape (no data) from the safetensors files in `out_dir` and compare them with the
+    model's: a main-process save of partitioned parameters writes (0,)-shaped tensors, a sharded-state-dict save
+    none at all, and both otherwise pass for success."""
+    from safetensors import safe_open
+
+    files = sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise SaveError(f"no weights were written to {out_dir} (no .safetensors file): with FSDP use "
+                        "fsdp_state_dict_type: FULL_STATE_DICT; with ZeRO-3 zero3_save_16bit_model: true")
+    saved = {}
+    for name in files:
+        with safe_open(os.path.join(out_dir, name), "pt") as f:
+            saved.update({_saved_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    empty = [k for k, shape in saved.items() if 0 in shape]
+    wrong = [f"{k} {saved[k]} (model {expected[k]})" for k in saved if k in expected and saved[k] != expected[k]]
+    missing = [k for k in expected if k not in saved and not k.endswith("lm_head.weight")]  # tied heads are not saved
+    if empty or wrong or missing:
+        detail = "; ".join(filter(None, [
+            f"{len(empty)} empty tensors, e.g. {empty[0]}" if empty else "",
+            f"{len(wrong)} mis-shaped, e.g. {wrong[0]}" if wrong else "",
+            f"{len(missing)} missing, e.g. {missing[0]}" if missing else ""]))
+        raise SaveError(f"the weights saved to {out_dir} are not the trained model's: {detail}. Under ZeRO-3 or FSDP "
+                        "every rank must take part in the save (nothing was put at the output path)")
+
+
+def merge_saved_adapter(recipe, tokenizer, out_dir: str) -> None:
+    """Write `out_dir`/merged: the base model as the recipe names it, loaded afresh on the CPU in the compute dtype
+    (not quantised: a QLoRA adapter merges into bf16 weights, as the handbook does), with the adapter saved in
+    `out_dir` merged in. From disk, not from the trained model in memory, so it is the same under DDP, ZeRO-3 (whose
+    in-memory parameters are partitions) and FSDP, and never merges into 4-bit weights. In a fresh interpreter: in
+    a ZeRO-3 process transformers would load the base partitioned, a collective the other ranks never join."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    path, kwargs = model_location(recipe.model.model_name_or_path, recipe.extras.gguf_file)
+    dtype = torch_dtype(recipe)
+    if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
+        dtype = getattr(torch, DTYPES[recipe.extras.bnb_4bit_compute_dtype or
+                                      ("bfloat16" if recipe.train.bf16 else "float32")])
+    job = {"base": path, "kwargs": {"revision": recipe.model.model_revision, "dtype": str(dtype).split(".")[-1],
+                                    "trust_remote_code": trust_remote_code(recipe), **kwargs},
+           "adapter": out_dir, "target": os.path.join(out_dir, "merged")}
+    code = "import json, sys; from alignkit import models; models.merge_adapter_files(**json.loads(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SaveError(f"merge_adapter: merging {out_dir} into {path} failed: {done.stderr.strip()[-2000:]}")
+    tokenizer.save_pretrained(job["target"])
+    normalize_saved_configs(job["target"])
+
+
+def merge_adapter_files(base: str, kwargs: dict, adapter: str, target: str) -> None:
+    """The adapter in `adapter` merged into the model `base` (on the CPU), saved to `target` and checked."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {**kwargs, "dtype": getattr(torch, kwargs["dtype"])}
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if "gguf_file" in kwargs:
+        _drop_gguf_quantizer(model)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(target)
+    verify_saved(target, expected_shapes(merged))

@@ -330,7 +330,7 @@ def round_floats(d: dict, digits: int = 6) -> dict:
 
 def finish(stage: str, recipe: Recipe, trainer, tokenizer, metrics: dict) -> dict:
     """Save model/adapter, metrics.json, train_log.csv and config.yaml into the output dir, atomically."""
-    from .models import atomic_output, save_trained
+    from .models import atomic_output, merge_saved_adapter, save_trained
 
     from .reliability import manifest, remove_checkpoints, write_manifest
 
@@ -339,7 +339,8 @@ def finish(stage: str, recipe: Recipe, trainer, tokenizer, metrics: dict) -> dic
     main = trainer.args.should_save
     barrier = trainer.accelerator.wait_for_everyone if trainer.args.world_size > 1 else None
     with atomic_output(out_dir, main=main, barrier=barrier) as tmp:
-        save_trained(trainer, tokenizer, tmp, merge=recipe.extras.merge_adapter)
+        merge = (lambda d: merge_saved_adapter(recipe, tokenizer, d)) if recipe.extras.merge_adapter else None
+        save_trained(trainer, tokenizer, tmp, merge_into=merge)
         if not main:
             return metrics
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
