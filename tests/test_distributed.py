@@ -219,3 +219,45 @@ def test_nothing_saved_empty_or_partial_under_sharding(saved_one_process, launch
             delta = scale * adapter[layer + ".lora_B.weight"] @ adapter[layer + ".lora_A.weight"]
             assert merged[key].allclose(base[key] + delta, atol=1e-6), key
             assert delta.abs().max() > 0
+
+
+def test_preemption_through_alignkit_launch_and_accelerate_resumes_to_the_uninterrupted_result(
+        tmp_path, tiny_model, tiny_data):
+    """`alignkit launch` → `accelerate launch` (DeepSpeed ZeRO-3, 2 CPU processes) → SIGUSR1 to alignkit launch, as
+    slurm/launch.sh sends it: both workers checkpoint and exit 75, the launcher waits for them and exits 75; the rerun
+    resumes and ends with the uninterrupted run's adapter and losses. (USR1 sent on to accelerate's elastic agent used
+    to kill it and orphan the workers.)"""
+    import signal
+    import subprocess
+
+    from alignkit.reliability import REQUEUE_EXIT, checkpoint_root, last_complete_checkpoint
+
+    config = deepspeed_cpu_config(tmp_path)
+    recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", global_batch_size=4, per_device_train_batch_size=2,
+                         max_steps=16, save_steps=4, learning_rate=5e-3, seed=5)
+
+    def launch(out):
+        return [sys.executable, "-m", "alignkit.launch", "sft", "--config", recipe, "--accelerate_config", config,
+                "--output_dir", str(out)]
+
+    run(launch(tmp_path / "uninterrupted"), tmp_path)
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(launch(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    for line in proc.stdout:
+        if "'loss'" in line:  # training is under way on both ranks
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == REQUEUE_EXIT, rest[-3000:]
+    assert "SIGUSR1 → 2 training process(es)" in rest and rest.count("stopped by a signal at step") == 2, rest[-3000:]
+    assert not out.exists()
+    runs = os.listdir(checkpoint_root(str(out)))
+    stopped_at = last_complete_checkpoint(os.path.join(checkpoint_root(str(out)), runs[0]))
+    assert stopped_at and int(stopped_at.rsplit("-", 1)[1]) < 16
+    done = subprocess.run(launch(out), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0 and "resuming from" in done.stdout + done.stderr, done.stderr[-3000:]
+    metrics = json.load(open(out / "metrics.json"))
+    assert metrics["world_size"] == 2 and metrics["train_steps"] == 16
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (out, tmp_path / "uninterrupted"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert losses(out) == losses(tmp_path / "uninterrupted") and len(losses(out)) == 16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -36,8 +37,8 @@ def test_preflight_derives_accumulation_and_refuses_indivisible_world_sizes(monk
 def test_multi_node_command_carries_rank_and_rendezvous():
     cmd = launch.accelerate_command("dpo", "r.yaml", ["--beta", "0.2"], config="recipes/accelerate/zero3.yaml",
                                     world=16, machines=2, rank=1, address="node-a", port=29612)
-    i = cmd.index("launch")
-    assert cmd[i + 1:] == ["--config_file", "recipes/accelerate/zero3.yaml", "--num_processes", "16",
+    i = cmd.index("accelerate.commands.launch")
+    assert cmd[:i] == [sys.executable, "-m"] and cmd[i + 1:] == ["--config_file", "recipes/accelerate/zero3.yaml", "--num_processes", "16",
                            "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "node-a",
                            "--main_process_port", "29612", "-m", "alignkit.dpo", "--config", "r.yaml", "--beta", "0.2"]
 

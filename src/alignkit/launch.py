@@ -16,8 +16,8 @@ an impossible run fails in a second rather than after the queue wait and the mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
 import subprocess
 import sys
 
@@ -129,8 +129,8 @@ def check_launch(recipe, recipe_path: str, config_path: str, config: dict) -> No
 
 def accelerate_command(stage: str, recipe_path: str, overrides: list[str], *, config: str, world: int,
                        machines: int, rank: int, address: str | None, port: int) -> list[str]:
-    exe = shutil.which("accelerate") or "accelerate"
-    cmd = [exe, "launch", "--config_file", config, "--num_processes", str(world), "--num_machines", str(machines),
+    # `accelerate launch` of this interpreter's environment, whether or not its bin/ is on PATH
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", str(world), "--num_machines", str(machines),
            "--machine_rank", str(rank)]
     if machines > 1:
         cmd += ["--main_process_ip", address or "127.0.0.1", "--main_process_port", str(port)]
@@ -193,7 +193,11 @@ def run(argv: list[str]) -> int:
 
 
 def run_forwarding_signals(cmd: list[str]) -> int:
-    """Run the launcher; SIGUSR1/SIGTERM (Slurm's warning before preemption or the time limit) go on to it."""
+    """Run the launcher. SIGUSR1/SIGTERM (Slurm's warning before preemption or the time limit) go to the training
+    workers themselves, not to `accelerate launch`: its in-process elastic agent handles only TERM/INT/HUP/QUIT —
+    USR1 kills it and orphans the workers — and on TERM it SIGKILLs the workers 30 s later, too soon for a 7B
+    checkpoint. The workers checkpoint after the current step and exit 75; the agent, never signalled, waits for
+    them, and this process then exits 75 (requeue) instead of the agent's generic failure."""
     import signal
 
     from .reliability import REQUEUE_EXIT
@@ -202,13 +206,27 @@ def run_forwarding_signals(cmd: list[str]) -> int:
 
     def forward(signum, frame):
         received.append(signum)
-        child.send_signal(signum)
+        workers = worker_pids(child.pid)
+        print(f"alignkit launch: {signal.Signals(signum).name} → {len(workers)} training process(es) "
+              f"{workers}: checkpoint, then exit {REQUEUE_EXIT}", file=sys.stderr, flush=True)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, forward)
     status = child.wait()
-    # accelerate reports a worker's exit 75 (checkpointed after the signal) as a generic failure
     return REQUEUE_EXIT if received and status != 0 else status
+
+
+def worker_pids(launcher_pid: int) -> list[int]:
+    """The training processes of `accelerate launch`: its direct children (their own children — data loader
+    workers — are not told: a signal they do not handle would kill them)."""
+    import psutil  # accelerate's own dependency
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return sorted(p.pid for p in psutil.Process(launcher_pid).children())
+    return []
 
 
 def main(argv=None) -> int:
