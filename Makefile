@@ -4,10 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.alignkit-installed
-# Nothing here needs the network at run time: models and data come from installed packages and the repo.
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
+# The CPU targets need no network at run time (models and data come from installed packages and the repo): they
+# run offline, so nothing waits on a network that is not there. The GPU targets (train-*, also in the container)
+# download Mistral-7B, UltraChat and friends from the hub: they keep it reachable.
+CPU_TARGETS := demo demo-rs demo-gpt2-nl sweep test test-fast bench
+$(CPU_TARGETS): export HF_HUB_OFFLINE := 1
+$(CPU_TARGETS): export HF_DATASETS_OFFLINE := 1
+$(CPU_TARGETS): export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TRL_EXPERIMENTAL_SILENCE := 1
 # DeepSpeed's sdist builds without CUDA when its ops are left to JIT compilation (the container prebuilds them).

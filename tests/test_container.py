@@ -70,3 +70,34 @@ def test_runs_as_non_root_with_make_as_the_interface():
     assert ("ENTRYPOINT", '["make"]') in steps
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert "make docker-build" in readme and re.search(r"docker run --gpus all .*make train-zephyr", readme)
+
+
+def test_only_the_cpu_targets_run_offline(tmp_path):
+    """`make train-*` (and the container's entrypoint, which is make) must reach the hub for Mistral-7B and
+    UltraChat; the CPU demo and test targets run offline. Run make with a stand-in venv whose python and dvc print
+    the variables they were given."""
+    import subprocess
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for tool in ("python", "dvc"):
+        script = venv / "bin" / tool
+        script.write_text('#!/bin/sh\necho "$(basename $0) HF_HUB_OFFLINE=${HF_HUB_OFFLINE-unset} '
+                          'HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE-unset} '
+                          'TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE-unset}"\n')
+        script.chmod(0o755)
+    (venv / ".alignkit-installed").touch()  # newer than the lock files: make does not reinstall
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+
+    def seen(target):
+        done = subprocess.run(["make", "-s", target, f"VENV={venv}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return [line for line in done.stdout.splitlines() if "OFFLINE=" in line]
+
+    for target in ("train-zephyr", "train-anima", "train-gpt2-nl"):
+        lines = seen(target)
+        assert lines and all(line.count("=unset") == 3 for line in lines), (target, lines)
+    for target in ("test", "demo"):
+        lines = seen(target)
+        assert lines and all(line.count("=1") == 3 for line in lines), (target, lines)
