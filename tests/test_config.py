@@ -57,7 +57,7 @@ def test_cpu_precision_defaults(tmp_path):
     # TRL's own default (bf16=True) raises on a machine without a GPU; alignkit picks fp32 on CPU.
     r = load(write(tmp_path))
     assert r.train.bf16 is False and r.train.fp16 is False and r.train.use_cpu is True
-    assert r.train.gradient_checkpointing is False  # not worth it on CPU
+    assert r.train.activation_checkpointing is False  # not worth it on CPU
     assert r.train.report_to == [] or r.train.report_to == "none" or r.train.report_to == ["none"]
 
 
@@ -147,3 +147,34 @@ def test_trust_remote_code_is_off_unless_a_recipe_asks(tmp_path):
 
     assert trust_remote_code(load(write(tmp_path))) is False
     assert trust_remote_code(load(write(tmp_path, trust_remote_code=True))) is True
+
+
+def test_activation_checkpointing_under_its_current_name(tmp_path, monkeypatch):
+    """alignkit's own arguments raise no deprecation warning; a recipe's old `gradient_checkpointing` is read under
+    its transformers-5 name (the new name wins where both are set, so alignkit's default would silently beat it);
+    LoRA under ZeRO-3 gets reentrant checkpointing where transformers reads it (TRL 1.16 writes the old name)."""
+    import warnings
+
+    import yaml
+
+    from alignkit import config, dpo
+    from alignkit.stage import reentrant_checkpointing_for_zero3_lora
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "m", "datasets": [{"path": "a.jsonl"}], "use_peft": True}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        recipe = dpo.SPEC.parse(["--config", str(path)])
+    assert recipe.train.activation_checkpointing is False  # CPU
+    monkeypatch.setattr(config, "cuda_info", lambda: (True, False))  # a GPU: checkpointing on by default ...
+    path.write_text(yaml.safe_dump({"model_name_or_path": "m", "datasets": [{"path": "a.jsonl"}], "use_peft": True,
+                                    "gradient_checkpointing": False, "use_cpu": True}))
+    assert dpo.SPEC.parse(["--config", str(path)]).train.activation_checkpointing is False  # ... unless stated off
+    assert dpo.SPEC.parse(["--config", str(path), "--gradient_checkpointing", "true"]).train.activation_checkpointing
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    recipe = dpo.SPEC.parse(["--config", str(path), "--activation_checkpointing", "true"])
+    reentrant_checkpointing_for_zero3_lora(recipe)
+    assert recipe.train.activation_checkpointing_kwargs == {"use_reentrant": True}
+    # TRL's DPOTrainer then writes args.gradient_checkpointing_kwargs["use_reentrant"]: the same dict
+    assert recipe.train.gradient_checkpointing_kwargs is recipe.train.activation_checkpointing_kwargs

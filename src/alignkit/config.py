@@ -191,6 +191,26 @@ def _check_types(parser, config: dict, argv: list[str], where: str) -> None:
             raise RecipeError(f"{source}: {key}: {value!r} is not a valid value; expected {expected}{choices}")
 
 
+# transformers 5 renamed these TrainingArguments; the old names still parse but warn, and where both are set the
+# new one wins — so a recipe's `gradient_checkpointing: false` would lose to alignkit's own default.
+RENAMED = {"gradient_checkpointing": "activation_checkpointing",
+           "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
+def _current_names(config: dict, argv: list[str], where: str) -> tuple[dict, list[str]]:
+    """The recipe and command line with renamed keys under their current names."""
+    for old, new in RENAMED.items():
+        if old in config and new in config:
+            raise RecipeError(f"{where}: {old} and {new} are the same setting (the first is its old name); keep {new}")
+        if old in config:
+            config = {(new if k == old else k): v for k, v in config.items()}
+    renamed = []
+    for a in argv:
+        key, eq, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        renamed.append(f"--{RENAMED[key]}{eq}{value}" if key in RENAMED else a)
+    return config, renamed
+
+
 def _cli_keys(argv: list[str]) -> list[str]:
     return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
 
@@ -245,6 +265,7 @@ def load_recipe(
             source = "command line" if key not in config else config_path
             raise RecipeError(f"unknown key '{key}' ({source}); nearest valid keys: {_nearest(key, valid)}")
 
+    config, argv = _current_names(config, argv, where)
     explicit = set(config) | set(_cli_keys(argv))
     has_cuda, has_bf16 = cuda_info()
     notes: list[str] = []
@@ -267,7 +288,7 @@ def load_recipe(
         if not has_cuda:
             defaults.setdefault("use_cpu", True)
     # Checkpointing trades ~20% speed for memory: worth it on a GPU, not on a CPU with plenty of RAM.
-    defaults.setdefault("gradient_checkpointing", has_cuda)
+    defaults.setdefault("activation_checkpointing", has_cuda)
     defaults.setdefault("report_to", "none")
     defaults.setdefault("logging_steps", 1)
     # Checkpoints for resume (beside the output, see reliability.py); the last two survive a crash mid-save.

@@ -202,7 +202,7 @@ def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int 
     max_length = seq_length or getattr(t, "max_length", None) or 1024
     tokens = t.per_device_train_batch_size * max_length * pair
     act = CPU_ACTIVATION_BYTES * h if cpu else 34 * h * wbytes / 2
-    checkpointing = bool(t.gradient_checkpointing)
+    checkpointing = bool(t.activation_checkpointing)
     parts["activations"] = tokens * (2 * h * (wbytes / 2) * L + act) if checkpointing else tokens * act * L
     parts["logits"] = tokens * a["vocab_size"] * (CPU_LOGIT_BYTES if cpu else 10)
     parts["overhead"] = CPU_RUNTIME_GIB * GiB if cpu else GiB

@@ -173,6 +173,7 @@ def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_d
     # The Trainer writes (and creates) its output_dir: point it at this run's checkpoint directory, so that a
     # killed run never leaves anything at the stage's output path.
     recipe.train.output_dir = run_dir or checkpoint_run_dir(recipe)
+    reentrant_checkpointing_for_zero3_lora(recipe)
     trainer = trainer_cls(
         model=model,
         args=recipe.train,
@@ -188,6 +189,23 @@ def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_d
         trainer.train_dataset, trainer.eval_dataset = (with_length_column(trainer.train_dataset),
                                                        with_length_column(trainer.eval_dataset))
     return trainer
+
+
+def reentrant_checkpointing_for_zero3_lora(recipe: Recipe) -> None:
+    """LoRA under ZeRO-3 with activation checkpointing needs reentrant checkpointing (DeepSpeed's partitioned
+    parameters). TRL 1.16's DPOTrainer forces it through the old `gradient_checkpointing_kwargs`, which transformers 5
+    no longer reads once the args exist, so the setting would be lost; set it under the current name, where both the
+    Trainer and TRL see it (after `__post_init__` the old name refers to the same dict)."""
+    t = recipe.train
+    lora = recipe.model.use_peft or recipe.extras.adapter_path
+    plugin = getattr(t, "deepspeed_plugin", None)
+    if lora and t.activation_checkpointing and plugin is not None and plugin.zero_stage == 3:
+        kwargs = dict(t.activation_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant") is False:
+            logger.warning("activation_checkpointing_kwargs use_reentrant: false does not train correctly with LoRA "
+                           "under ZeRO-3; using use_reentrant: true")
+        kwargs["use_reentrant"] = True
+        t.activation_checkpointing_kwargs = t.gradient_checkpointing_kwargs = kwargs
 
 
 def keep_freed_memory() -> bool:
