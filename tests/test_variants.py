@@ -145,3 +145,19 @@ def test_bf16_on_cpu_only_when_stated(tmp_path, tiny_model, tiny_data):
         dpo.SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", bf16=True)])
     assert dpo.SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", bf16=True,
                                                    use_cpu=True)]).train.bf16
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_plain_path_is_a_data_source_end_to_end(tmp_path, tiny_model, tiny_data, stage):
+    """`datasets: [data/my.jsonl]` passed validation, then crashed after the model loaded (the fingerprint read
+    `spec.get`); both forms are one mapping from validation on."""
+    import json
+
+    kind = "sft" if stage == "sft" else "pref"
+    recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, stage, datasets=[tiny_data[f"{kind}_train"]],
+                         test_datasets=[tiny_data[f"{kind}_test"]], max_steps=1)
+    metrics = run_stage(stage, recipe)
+    assert metrics["train_rows"] == 16 and metrics["eval_rows"] == 4
+    out = tmp_path / f"out-{stage}"
+    assert f"`{tiny_data[f'{kind}_train']}`" in (out / "README.md").read_text()
+    assert json.load(open(out / "manifest.json"))["inputs"]["train_data_0"]["path"] == tiny_data[f"{kind}_train"]

@@ -326,10 +326,11 @@ def validate(recipe: Recipe, *, for_check: bool, has_cuda: bool, stage_check=Non
         fail("model_name_or_path is required")
     if not d.datasets:
         fail("datasets: at least one training source is required")
-    for i, spec in enumerate(d.datasets):
-        validate_source_spec(spec, f"datasets[{i}]", where)
-    for i, spec in enumerate(d.test_datasets):
-        validate_source_spec(spec, f"test_datasets[{i}]", where)
+    # Either form of a source — `data/my.jsonl` or `{path: data/my.jsonl, ...}` — becomes the mapping here, once, so
+    # everything downstream (loading, fingerprints, manifests, model cards) reads one form.
+    d.datasets = [validate_source_spec(spec, f"datasets[{i}]", where) for i, spec in enumerate(d.datasets)]
+    d.test_datasets = [validate_source_spec(spec, f"test_datasets[{i}]", where)
+                       for i, spec in enumerate(d.test_datasets)]
     if not d.test_datasets and not (0 < d.test_split_size):
         fail("test_split_size must be > 0 when no test_datasets are given")
     if m.load_in_4bit and m.load_in_8bit:

@@ -74,11 +74,12 @@ class _RowError(Exception):
 # ---------------------------------------------------------------------------------------------------- sources
 
 
-def validate_source_spec(spec, label: str, where: str) -> None:
+def validate_source_spec(spec, label: str, where: str) -> dict:
+    """A recipe's data source, checked, as a mapping ({path, name?, split?, data_files?, fraction?})."""
     from .config import RecipeError
 
-    if isinstance(spec, str):
-        return
+    if isinstance(spec, str) and spec.strip():
+        return {"path": spec}
     if not isinstance(spec, dict) or "path" not in spec:
         raise RecipeError(f"{where}: {label} must be a path string or a mapping with a 'path' key, got {spec!r}")
     unknown = set(spec) - SOURCE_KEYS
@@ -90,6 +91,7 @@ def validate_source_spec(spec, label: str, where: str) -> None:
     frac = spec.get("fraction")
     if frac is not None and not (isinstance(frac, (int, float)) and 0 < frac <= 1):
         raise RecipeError(f"{where}: {label}.fraction must be in (0, 1], got {frac!r}")
+    return dict(spec)
 
 
 def _spec(spec) -> dict:
