@@ -173,3 +173,33 @@ def test_the_recipe_decides_whether_cpu_training_keeps_freed_memory(tmp_path, ti
     train_ds, eval_ds, _, tok, model = stage.load_inputs(recipe, sft.SPEC.data_kind)
     stage.make_trainer(stage.import_object(sft.SPEC.trainer), recipe, model, tok, train_ds, eval_ds)
     assert calls == ([1] if keep else [])
+
+
+def test_rows_cut_or_dropped_by_truncation_are_counted_and_none_left_is_one_clear_error(tmp_path, tiny_model,
+                                                                                           tiny_data):
+    """TRL drops a preference row whose prompt alone fills max_length (silently) and dies in torch.cat() when none is
+    left: the stage counts dropped and cut rows per split, and refuses before any weights load when none would remain."""
+    from alignkit import dpo
+    from alignkit.config import RecipeError
+    from alignkit.models import load_tokenizer
+
+    recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", max_steps=1)
+    parsed = dpo.SPEC.parse(["--config", recipe])
+    tokenizer = load_tokenizer(parsed)
+    from alignkit.data import load_splits
+
+    train, test, _ = load_splits(parsed.data, "preference", seed=parsed.train.seed)
+    prompts = sorted(dpo.prompt_length(tokenizer, r) for r in train)
+    cut = prompts[len(prompts) // 2] + 1  # most prompts are shorter: kept, their replies cut; the rest are dropped
+    metrics = run_stage("dpo", recipe, "--max_length", str(cut))
+    dropped = sum(p >= cut for p in prompts)
+    assert 0 < dropped < len(prompts)
+    assert metrics["train_rows_dropped_by_truncation"] == dropped and metrics["train_rows"] == len(prompts) - dropped
+    assert 0 < metrics["train_rows_truncated"] <= len(prompts) - dropped  # rows kept, their replies cut
+    assert metrics["eval_rows_dropped_by_truncation"] == sum(dpo.prompt_length(tokenizer, r) >= cut for r in test)
+    with pytest.raises(RecipeError, match=rf"max_length {prompts[0]} leaves no train row: .*longest has "
+                                          rf"{prompts[-1]} tokens"):
+        dpo.SPEC.train(["--config", recipe, "--max_length", str(prompts[0]), "--output_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+    full = run_stage("dpo", recipe, "--output_dir", str(tmp_path / "full"))
+    assert full["train_rows_dropped_by_truncation"] == full["train_rows_truncated"] == 0

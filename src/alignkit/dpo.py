@@ -22,6 +22,7 @@ so a resumed run would not see the uninterrupted run's batches, and batches woul
 
 from __future__ import annotations
 
+from .config import RecipeError
 from .data import PREFERENCE
 from .stage import StageSpec, reward_metrics
 
@@ -53,10 +54,54 @@ def check(recipe, fail) -> None:
              "column must reach the sampler; DPO's collator ignores columns it does not use)")
 
 
-def attach_reference(recipe, tokenizer, train_ds, eval_ds):
+def prompt_length(tokenizer, row: dict) -> int:
+    """Tokens of a row's prompt as TRL's DPOTrainer counts them: the prompt rendered with the generation prompt,
+    cut where it stops being a prefix of prompt + chosen / prompt + rejected."""
+    def ids(messages, **kw):
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kw)
+
+    prompt = ids(row["prompt"], add_generation_prompt=True)
+    if isinstance(prompt, dict):
+        prompt = prompt["input_ids"]
+
+    def common(other):
+        other = other["input_ids"] if isinstance(other, dict) else other
+        n = 0
+        while n < min(len(prompt), len(other)) and prompt[n] == other[n]:
+            n += 1
+        return n
+
+    return min(common(ids(row["prompt"] + row["chosen"])), common(ids(row["prompt"] + row["rejected"])))
+
+
+def check_rows_fit(recipe, tokenizer, train_ds, eval_ds):
+    """Refuse, before any weights load, a run where TRL would drop every row: with `keep_start` truncation it drops
+    rows whose prompt alone fills max_length, and a split left empty dies in `torch.cat()` deep inside the trainer.
+    Stops at the first row that fits (nearly always the first), so it costs nothing on a sensible recipe."""
+    t = recipe.train
+    if t.max_length is None or t.truncation_mode != "keep_start":
+        return
+    for split, ds in (("train", train_ds), ("held-out", eval_ds)):
+        longest = 0
+        for row in ds:
+            n = prompt_length(tokenizer, row)
+            if n < t.max_length:
+                break
+            longest = max(longest, n)
+        else:
+            if len(ds):
+                raise RecipeError(
+                    f"{recipe.path or 'command line'}: max_length {t.max_length} leaves no {split} row: every prompt "
+                    f"alone fills it (the longest has {longest} tokens, TRL drops such rows); raise max_length, or "
+                    "set truncation_mode: keep_end")
+    return train_ds, eval_ds
+
+
+def prepare(recipe, tokenizer, train_ds, eval_ds):
+    """Before weights load: some rows must survive truncation; stored reference log-probs attached."""
     from .ref_logps import attach
 
-    return attach(recipe, tokenizer, train_ds, eval_ds)
+    return attach(recipe, tokenizer, *check_rows_fit(recipe, tokenizer, train_ds, eval_ds))
 
 
 SPEC = StageSpec(
@@ -66,7 +111,7 @@ SPEC = StageSpec(
     data_kind=PREFERENCE,
     check=check,
     defaults={"precompute_ref_log_probs": True},
-    prepare_data=attach_reference,
+    prepare_data=prepare,
     fp16_refused="the loss is a difference of summed log-probs, which fp16 rounds and overflows",
     metrics=reward_metrics,
 )

@@ -32,7 +32,8 @@ from trl import DPOTrainer
 
 from .config import RecipeError
 from .data import PREFERENCE
-from .dpo import SPEC  # the DPO stage's recipe parsing and checks (also what `alignkit launch ref_logps` validates)
+# the DPO stage's recipe parsing and checks (also what `alignkit launch ref_logps` validates)
+from .dpo import SPEC, check_rows_fit
 
 logger = logging.getLogger("alignkit")
 
@@ -123,7 +124,7 @@ def compute(argv: list[str]) -> dict:
         raise RecipeError(f"{where}: use_liger_kernel: TRL's Liger DPO loss computes the reference itself; "
                           "there are no reference log-probs to store")
     recipe.train.precompute_ref_log_probs = True
-    train_ds, eval_ds, report, tokenizer, model = load_inputs(recipe, PREFERENCE)
+    train_ds, eval_ds, report, tokenizer, model = load_inputs(recipe, PREFERENCE, prepare_data=check_rows_fit)
     if model is None:
         return prepared("ref_logps", report)
     train_ds = train_ds.add_column(_KEY_COLUMN, [row_key(r) for r in train_ds])

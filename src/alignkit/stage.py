@@ -120,8 +120,10 @@ class StageSpec:
             return prepared(self.name, data_report)
         trainer = make_trainer(import_object(self.trainer), recipe, model, tokenizer, train_ds, eval_ds,  # 4
                                lora_task_type=self.lora_task_type)
+        truncation = truncation_metrics(trainer, {"train": len(train_ds), "eval": len(eval_ds)})
         resume = checkpoints(trainer, recipe)  # an interrupted identical run's last checkpoint, if any
         metrics, evaluation = train_and_evaluate(trainer, data_report, resume_from=resume)  # 5
+        metrics.update(truncation)
         if self.metrics is not None:
             metrics.update(self.metrics(evaluation))
         return finish(self.name, recipe, trainer, tokenizer, metrics)  # 6
@@ -236,6 +238,27 @@ def with_length_column(dataset):
         return {"length": sum(len(row[c]) for c in prompt) + max(len(row[c]) for c in replies)}
 
     return dataset.map(length, desc="Measuring lengths for length-grouped batches")
+
+
+def truncation_metrics(trainer, given: dict[str, int]) -> dict:
+    """Per split: rows the trainer dropped (TRL drops a preference row whose prompt alone fills max_length, silently)
+    and, where its columns show it, rows cut to max_length (prompt + the longer reply over it)."""
+    max_length = getattr(trainer.args, "max_length", None)
+    metrics = {}
+    for split, ds in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+        if ds is None:
+            continue
+        dropped = given[split] - len(ds)
+        metrics[f"{split}_rows_dropped_by_truncation"] = dropped
+        if dropped:
+            logger.warning("%s: %d of %d %s rows dropped: their prompt alone fills max_length %s", trainer.args.run_name
+                           or "stage", dropped, given[split], split, max_length)
+        replies = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in ds.column_names]
+        if max_length and "prompt_ids" in ds.column_names and replies:
+            prompt = [len(p) for p in ds["prompt_ids"]]
+            longest = [max(len(r) for r in rs) for rs in zip(*(ds[c] for c in replies))]
+            metrics[f"{split}_rows_truncated"] = sum(p + r > max_length for p, r in zip(prompt, longest))
+    return metrics
 
 
 def padding_fraction(trainer, max_batches: int = 1000) -> float:
