@@ -290,7 +290,8 @@ def _saved_name(name: str) -> str:
     """A parameter's or saved tensor's name without wrapper prefixes and PEFT's adapter name, so the two compare."""
     for prefix in ("module.", "base_model.model.", "_orig_mod."):
         name = name.removeprefix(prefix)
-    return name.replace(".default.", ".").replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
+    name = name.replace(".default.", ".").replace(".modules_to_save.", ".")  # PEFT saves a module_to_save as itself
+    return name.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
 
 
 def expected_shapes(model) -> dict[str, tuple]:
