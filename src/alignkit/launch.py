@@ -115,10 +115,10 @@ def check_launch(recipe, recipe_path: str, config_path: str, config: dict) -> No
     """Refuse a recipe/accelerate-config pair that cannot work, before anything loads."""
     from .config import RecipeError
 
+    from .plan import zero_stage_of
+
     problems = accelerate_config_problems(config)
-    sharded = config.get("distributed_type") == "FSDP" or (
-        config.get("distributed_type") == "DEEPSPEED" and int((config.get("deepspeed_config") or {})
-                                                             .get("zero_stage", 0)) == 3)
+    sharded = zero_stage_of(config)[0] == 3  # ZeRO-3, or FSDP full shard
     if sharded and (recipe.model.load_in_4bit or recipe.model.load_in_8bit):
         problems.append("QLoRA (load_in_4bit/8bit) under ZeRO-3 or FSDP: 4-bit weights cannot be sharded without "
                         "bnb_4bit_quant_storage, which alignkit does not set; use recipes/accelerate/ddp.yaml or "

@@ -146,7 +146,11 @@ def zero_stage(accelerate_config: str | None) -> tuple[int, str | None]:
         return 0, None
     import yaml
 
-    cfg = yaml.safe_load(open(accelerate_config))
+    return zero_stage_of(yaml.safe_load(open(accelerate_config)))
+
+
+def zero_stage_of(cfg: dict) -> tuple[int, str | None]:
+    """zero_stage of an accelerate config already read."""
     if cfg.get("distributed_type") == "DEEPSPEED":
         return int(cfg.get("deepspeed_config", {}).get("zero_stage", 0)), None
     if cfg.get("distributed_type") == "FSDP":
