@@ -16,9 +16,9 @@ export TRL_EXPERIMENTAL_SILENCE := 1
 # DeepSpeed's sdist builds without CUDA when its ops are left to JIT compilation (the container prebuilds them).
 export DS_BUILD_OPS ?= 0
 # Stage commands in dvc.yaml call `python`: the venv's, whether or not it is activated.
-RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
+RUN := PATH="$(abspath $(BIN)):$$PATH"
 
-.PHONY: demo demo-rs demo-gpt2-nl sweep test test-fast venv lock bench clean help train-zephyr train-anima train-gpt2-nl docker-build
+.PHONY: demo demo-rs demo-gpt2-nl sweep test test-fast venv lock bench clean help train-zephyr train-anima train-gpt2-nl docker-build container-env
 
 help:
 	@echo "make demo   - create .venv, materialise SmolLM2, run the smol pipeline (dvc repro), print results"
@@ -27,10 +27,18 @@ help:
 	@echo "make demo-gpt2-nl  - the gpt2-nl CPU twin: Dutch CPT → SFT → DPO (pipelines/gpt2-nl)"
 	@echo "make bench  - time the whole smol pipeline from scratch (bench/smol_pipeline.sh)"
 	@echo "make train-zephyr | train-anima | train-gpt2-nl - the GPU pipelines on this machine's GPUs"
-	@echo "make docker-build - the CUDA container (Dockerfile)"
+	@echo "make docker-build - the CUDA container (Dockerfile); make docker-TARGET runs make TARGET in it"
 
-venv: $(STAMP)
-
+ifdef ALIGNKIT_BASE_IMAGE
+# In the container the environment is part of the image (/opt/venv, built from the image's copy of requirements/),
+# and the checkout is mounted over the image's: never rebuild it there (it belongs to root), but refuse a checkout
+# whose requirements differ from the ones the image was built with.
+STAMP := container-env
+.PHONY: container-env
+container-env:
+	@diff -rq requirements $(VENV)/requirements >/dev/null || { echo "make: this checkout's requirements/ differ\
+	 from the ones the image was built with: rebuild it (make docker-build)" >&2; exit 2; }
+else
 # Exact pins: torch 2.13.0's CPU wheel (found locally by pip), the rest from requirements/cpu.lock.
 $(STAMP): requirements/cpu.lock requirements/models.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +47,9 @@ $(STAMP): requirements/cpu.lock requirements/models.txt pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
+endif
+
+venv: $(STAMP)
 
 demo: $(STAMP)
 	$(RUN) $(BIN)/dvc repro
@@ -78,6 +89,17 @@ sweep: $(STAMP)
 
 docker-build:
 	docker build -t alignkit:$$(git rev-parse --short HEAD) -t alignkit:latest .
+
+# `make docker-<target>` (docker-train-zephyr, docker-train-anima, ...): that make target in the container, on this
+# checkout, as the host user. The checkout is mounted whole, so DVC's cache, dvc.lock, metrics/ and build/ persist
+# between runs (and `dvc repro` skips what is done); the HF cache is the host's, created first so docker does not
+# create it as root. HF_TOKEN is passed by name only: its value never appears on the command line.
+HF_CACHE ?= $${HF_HOME:-$$HOME/.cache/huggingface}
+DOCKER_RUN = docker run --rm --gpus all --ipc=host --user "$$(id -u):$$(id -g)" -e HF_TOKEN \
+	-v "$(CURDIR)":/workspace/alignkit -v "$(HF_CACHE)":/home/alignkit/.cache/huggingface alignkit:latest
+docker-%:
+	mkdir -p "$(HF_CACHE)"
+	$(DOCKER_RUN) $*
 
 test: $(STAMP)
 	$(RUN) $(BIN)/python -m pytest -q
