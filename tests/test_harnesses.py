@@ -195,3 +195,90 @@ def test_answer_backend_choice_and_model_kinds(tiny_model, tmp_path):
     assert split_models({"dpo": str(adapter), "merged": tiny_model}) == ({"dpo": str(adapter)}, {"merged": tiny_model})
     with pytest.raises(UsageError, match="model 'x': .*empty holds neither a PEFT adapter"):
         split_models({"x": str(tmp_path / "empty")})
+
+
+def test_both_answer_backends_get_the_same_prompt_ids_with_one_bos(tiny_model):
+    """A tokenizer that adds BOS (Llama, Mistral) and a template that writes it: text handed to vLLM came out with
+    two. Both backends now get `prompt_ids` — what transformers' generate sees, unpadded, is what vLLM is given."""
+    from tokenizers.processors import TemplateProcessing
+
+    from alignkit.generation import generate, load_for_inference, prompt_ids, vllm_prompts
+
+    model, tokenizer = load_for_inference(tiny_model)
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)])
+    prompts = [[{"role": "user", "content": "What is the capital of France?"}],
+               [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Name a colour."}]]
+    text = tokenizer.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True)
+    assert tokenizer(text)["input_ids"][:2] == [bos, bos]  # the hazard: special tokens on top of the template's
+    ids = prompt_ids(tokenizer, prompts)
+    assert all(row[0] == bos and row[1] != bos for row in ids)
+    assert vllm_prompts(tokenizer, prompts) == [{"prompt_token_ids": row} for row in ids]
+
+    seen = []
+    real_generate = model.generate
+
+    def spy(**kw):
+        seen.extend(r[m.bool()].tolist() for r, m in zip(kw["input_ids"], kw["attention_mask"]))
+        return real_generate(**kw)
+
+    model.generate = spy  # this instance only: records what the transformers backend feeds the model
+    generate(model, tokenizer, prompts, max_new_tokens=2)
+    assert sorted(seen) == sorted(ids)
+
+
+def test_one_answer_engine_at_a_time(tiny_model, tmp_path):
+    """The base (with its adapters) and each merged model are separate engines; the loaded one is released before
+    the next loads. vLLM is not installed here: its engine is replaced by a stand-in that counts live engines (the
+    code that decides when to open and release is the real one); transformers is checked with real models."""
+    import gc
+    import weakref
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.generation import Generator
+
+    adapter = str(tmp_path / "adapter")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"])
+                   ).save_pretrained(adapter)
+    models = {"dpo": adapter, "merged": tiny_model}
+
+    class StandInEngine:
+        live = 0
+
+        def __init__(self, path):
+            assert StandInEngine.live == 0, "an engine started while another was loaded"
+            StandInEngine.live += 1
+            self.path = path
+
+        def shutdown(self):
+            StandInEngine.live -= 1
+
+    opened = []
+
+    class StandInVLLM(Generator):
+        @staticmethod
+        def new_vllm_engine(path, adapters):
+            opened.append((path, sorted(adapters)))
+            return StandInEngine(path)
+
+    vllm = StandInVLLM(tiny_model, models, backend="hf")
+    vllm.backend = "vllm"  # pick_backend refuses vllm where it is not installed
+    for name in ["base", "dpo", "merged", "merged", "base"]:
+        engine, _ = vllm.engine(name)
+        assert StandInEngine.live == 1 and engine.path == (tiny_model if name != "merged" else models["merged"])
+    assert opened == [(tiny_model, ["dpo"]), (tiny_model, []), (tiny_model, ["dpo"])]
+    vllm.release()
+    assert StandInEngine.live == 0
+
+    hf = Generator(tiny_model, models, backend="hf")
+    first, _ = hf("base", [[{"role": "user", "content": "Hi"}]], max_new_tokens=3)
+    base_engine = weakref.ref(hf.engine("dpo")[0])  # the same engine: base and adapters share it
+    hf("merged", [[{"role": "user", "content": "Hi"}]], max_new_tokens=3)
+    gc.collect()
+    assert base_engine() is None, "the base model stayed loaded beside the merged one"
+    again, _ = hf("base", [[{"role": "user", "content": "Hi"}]], max_new_tokens=3)
+    assert again == first

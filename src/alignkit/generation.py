@@ -43,15 +43,15 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    results: list[str] = [""] * len(texts)
+    ids = prompt_ids(tokenizer, prompts)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    results: list[str] = [""] * len(ids)
     new_tokens, start = 0, time.time()
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     for b in tqdm(range(0, len(order), batch_size), desc=desc or "generating", unit="batch",
                   disable=desc is None and len(order) <= batch_size):
         idx = order[b : b + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -66,6 +66,14 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     stats = {"generated_tokens": new_tokens, "generation_seconds": round(seconds, 2),
              "tokens_per_second": round(new_tokens / seconds, 1) if seconds else 0.0}
     return results, stats
+
+
+def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    """The token ids every backend feeds the model: the chat template rendered with the generation prompt and
+    tokenized without special tokens — the template already writes its BOS; a tokenizer adding another would
+    start every prompt with two."""
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def normalize_answer(text: str) -> str:
@@ -141,60 +149,81 @@ def split_models(models: dict[str, str]) -> tuple[dict[str, str], dict[str, str]
 class Generator:
     """Answers from the base model, its PEFT adapters or merged models, through transformers or vLLM.
 
-    transformers: one copy of the base with every adapter loaded and switched per call; a merged model is loaded
-    when first asked for. vLLM: the base served with LoRA enabled, each adapter a `LoRARequest`; a merged model
-    gets its own engine. Prompts are rendered with the same chat template either way.
+    One engine at a time: the base with every adapter (transformers: adapters switched per call; vLLM: LoRA enabled,
+    each adapter a `LoRARequest`), or one merged model. The one loaded is released before the next loads — two
+    7B vLLM engines, or two 33B models, do not fit one GPU — so callers ask for one model's answers at a time.
+    Prompts are the same token ids on either backend (`prompt_ids`).
     """
+
+    BASE = "base"
 
     def __init__(self, base: str, models: dict[str, str], chat_template: str | None = None, backend: str = "auto"):
         self.base, self.chat_template, self.backend = base, chat_template, pick_backend(backend)
         self.adapters, self.merged = split_models(models)
-        self.current = None  # (name of the loaded merged model, its model, its tokenizer)
-        if self.backend == "hf":
-            self.model, self.tokenizer = load_with_adapters(base, self.adapters, chat_template)
-        else:
-            self.tokenizer, self.llm = load_tokenizer_only(base, chat_template), self._engine(base, self.adapters)
+        self.loaded = None  # (which engine: BASE or a merged model's name, engine, tokenizer)
+
+    def engine(self, name: str):
+        """(engine, tokenizer) serving `name`, releasing the loaded engine first when it is another one."""
+        key = name if name in self.merged else self.BASE
+        if self.loaded is None or self.loaded[0] != key:
+            self.release()
+            path, adapters = (self.merged[key], {}) if key in self.merged else (self.base, self.adapters)
+            if self.backend == "hf":
+                engine, tokenizer = load_with_adapters(path, adapters, self.chat_template)
+            else:
+                engine, tokenizer = self.new_vllm_engine(path, adapters), load_tokenizer_only(path, self.chat_template)
+            self.loaded = (key, engine, tokenizer)
+        return self.loaded[1], self.loaded[2]
+
+    def release(self) -> None:
+        """Free the loaded engine's memory (GPU memory included) before another one loads."""
+        if self.loaded is None:
+            return
+        engine, self.loaded = self.loaded[1], None
+        shutdown = getattr(engine, "shutdown", None)  # vLLM's LLM: stops its engine process and frees the KV cache
+        if self.backend == "vllm" and callable(shutdown):
+            shutdown()
+        del engine
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @staticmethod
-    def _engine(path: str, adapters: dict[str, str]):
+    def new_vllm_engine(path: str, adapters: dict[str, str]):
         from vllm import LLM
 
         ranks = [json.load(open(os.path.join(d, "adapter_config.json")))["r"] for d in adapters.values()]
         return LLM(model=path, enable_lora=bool(ranks), max_lora_rank=max(ranks, default=16),
                    max_loras=max(len(ranks), 1), seed=0, trust_remote_code=False)
 
-    def _merged(self, name: str):
-        if self.current is None or self.current[0] != name:
-            self.current = None  # free the previous one first
-            loaded = (load_for_inference(self.merged[name], None, self.chat_template) if self.backend == "hf"
-                      else (self._engine(self.merged[name], {}), load_tokenizer_only(self.merged[name],
-                                                                                      self.chat_template)))
-            self.current = (name, *loaded)
-        return self.current[1], self.current[2]
-
     def __call__(self, name: str, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int = 16,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, desc: str | None = None):
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        engine, tokenizer = self.engine(name)
         if self.backend == "hf":
-            if name in self.merged:
-                model, tokenizer = self._merged(name)
-                return generate(model, tokenizer, prompts, batch_size=batch_size, desc=desc, **sampling)
-            with use_model(self.model, name, self.adapters):
-                return generate(self.model, self.tokenizer, prompts, batch_size=batch_size, desc=desc, **sampling)
-        llm, tokenizer = self._merged(name) if name in self.merged else (self.llm, self.tokenizer)
-        return vllm_generate(llm, tokenizer, prompts, lora=(name, list(self.adapters).index(name) + 1,
-                                                            self.adapters[name]) if name in self.adapters else None,
-                             **sampling)
+            with use_model(engine, name, {} if name in self.merged else self.adapters):
+                return generate(engine, tokenizer, prompts, batch_size=batch_size, desc=desc, **sampling)
+        lora = (name, list(self.adapters).index(name) + 1, self.adapters[name]) if name in self.adapters else None
+        return vllm_generate(engine, tokenizer, prompts, lora=lora, **sampling)
+
+
+def vllm_prompts(tokenizer, prompts: list[list[dict]]) -> list[dict]:
+    """vLLM's inputs: token ids, not text — vLLM tokenizes text with the tokenizer's special tokens, which starts a
+    prompt whose template writes BOS with a second one; ids make both backends see the same prompt."""
+    return [{"prompt_token_ids": ids} for ids in prompt_ids(tokenizer, prompts)]
 
 
 def vllm_generate(llm, tokenizer, prompts, *, lora, max_new_tokens, temperature, top_p, seed):
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
     start = time.time()
-    outs = llm.generate(texts, params, lora_request=LoRARequest(*lora) if lora else None, use_tqdm=True)
+    outs = llm.generate(vllm_prompts(tokenizer, prompts), params, lora_request=LoRARequest(*lora) if lora else None, use_tqdm=True)
     seconds = time.time() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return [o.outputs[0].text.strip() for o in outs], {
