@@ -3,6 +3,7 @@ line before any weights load and without leaving an output — and the catalogue
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -72,8 +73,7 @@ def test_model_directory_missing_or_without_tokenizer(recipe, tmp_path, tiny_mod
     assert "weights-only has no tokenizer" in msg
 
 
-def test_model_without_chat_template_and_none_configured(recipe, tmp_path, tiny_model, capsys):
-    path, out = recipe
+def without_chat_template(tiny_model, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(tiny_model, plain)
     for f in os.listdir(plain):
@@ -81,8 +81,31 @@ def test_model_without_chat_template_and_none_configured(recipe, tmp_path, tiny_
             os.remove(plain / f)
     cfg = (plain / "tokenizer_config.json").read_text()
     (plain / "tokenizer_config.json").write_text(re.sub(r',\s*"chat_template": "(?:[^"\\]|\\.)*"', "", cfg))
+    return plain
+
+
+def test_model_without_chat_template_and_none_configured(recipe, tmp_path, tiny_model, capsys):
+    path, out = recipe
+    plain = without_chat_template(tiny_model, tmp_path)
     msg = refused(sft, ["--config", path, "--model_name_or_path", str(plain)], capsys, out)
     assert "has no chat template and the recipe sets none; set chat_template:" in msg
+
+
+def test_answers_from_a_base_model_without_chat_template_are_refused_before_weights(tmp_path, tiny_model, capsys):
+    """Anima33B-merged has no chat template: the pairs stage said so with a traceback after loading 33B weights."""
+    from alignkit import pairs
+
+    plain = without_chat_template(tiny_model, tmp_path)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"prompt": "Capital of France?", "completion": "Paris."}) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    assert pairs.main(["--model", str(plain), "--questions", str(questions), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "has no chat template and none was given: pass --chat_template (smollm2, chatml, zephyr, hh-rlhf" \
+        in err[-1] and "Traceback" not in "\n".join(err) and not out.exists()
+    assert pairs.main(["--model", str(plain), "--questions", str(questions), "--out", str(out),
+                       "--chat_template", "hh-rlhf", "--max_new_tokens", "2"]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["chosen"] == [{"role": "assistant", "content": "Paris."}]
 
 
 def test_liger_with_precomputed_reference_is_refused(tmp_path, tiny_model, tiny_data, capsys):

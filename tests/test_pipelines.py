@@ -100,3 +100,82 @@ def test_anima_questions_from_belle_format(tmp_path):
     done = subprocess.run([sys.executable, script, "--in", str(belle), "--out", str(out)], capture_output=True,
                           text=True)
     assert done.returncode != 0 and "eval_set.json: row 2: field 'question': missing or empty" in done.stderr
+
+
+def test_anima_renders_hh_rlhf_text_as_its_dpo_collator_did(tiny_model):
+    """Anima33B-merged has no chat template: pairs and DPO use `hh-rlhf`, which renders exactly what Anima's
+    collator fed its DPO (BOS + "\\n\\nHuman: q\\n\\nAssistant: a" + EOS), with the answer and EOS as the
+    assistant's tokens; the pipeline's pairs stage and the DPO recipe name the same template."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from alignkit.templates import resolve_chat_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = resolve_chat_template("hh-rlhf")
+    conv = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    assert tok.apply_chat_template(conv, tokenize=False) == \
+        f"{tok.bos_token}\n\nHuman: Capital of France?\n\nAssistant: Paris.{tok.eos_token}"
+    prompt = tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == f"{tok.bos_token}\n\nHuman: Capital of France?\n\nAssistant:"  # the answer starts with " "
+    out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    answer = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    assert tok.decode(answer) == f" Paris.{tok.eos_token}"
+    # the prompt's tokens are a prefix of the whole conversation's: the completion is a clean cut
+    prompt_ids = tok.apply_chat_template(conv[:1], tokenize=True, return_dict=False, add_generation_prompt=True)
+    assert out["input_ids"][:len(prompt_ids)] == prompt_ids
+
+    params = yaml.safe_load(open(os.path.join(ROOT, "pipelines/anima-33b/params.yaml")))
+    recipe = yaml.safe_load(open(os.path.join(ROOT, "recipes/anima-33b/dpo.yaml")))
+    pairs = yaml.safe_load(open(os.path.join(ROOT, "pipelines/anima-33b/dvc.yaml")))["stages"]["pairs"]["cmd"]
+    assert params["chat_template"] == recipe["chat_template"] == "hh-rlhf"
+    assert "--chat_template ${chat_template}" in pairs and "--batch_size ${pairs_batch_size}" in pairs
+
+
+def test_anima_pairs_batch_fits_one_80gb_gpu_and_16_is_refused_before_loading():
+    """33B in bf16 plus the KV cache of 16 answers of 512 tokens after a 600-token prompt (Anima's prompt cap)
+    does not fit an 80 GB GPU; the pipeline's batch does, and the refusal names one that fits."""
+    import pytest
+    import yaml
+
+    from alignkit.plan import KNOWN, GPUS, check_generation_fits, generation_gib
+    from alignkit.stage import UsageError
+
+    params = yaml.safe_load(open(os.path.join(ROOT, "pipelines/anima-33b/params.yaml")))
+    anima, gpu = KNOWN[params["base_model"]], GPUS["H100-80GB"][0]
+    tokens = 600 + params["max_new_tokens"]
+    need = generation_gib(anima, batch=16, tokens=tokens)
+    assert 60 < need["weights"] < 61.5 and need["total"] > gpu  # 32.5 B parameters in bf16
+    fits = check_generation_fits("anima", anima, batch=params["pairs_batch_size"], tokens=tokens, gpu_gib=gpu)
+    assert fits["total"] <= gpu - 5  # room for the CUDA context and allocator fragmentation
+    with pytest.raises(UsageError, match=r"anima: generating 16 x 1112 tokens needs .* GiB .* > 79.6 GiB .*"
+                                         r"--batch_size \d+ fits"):
+        check_generation_fits("anima", anima, batch=16, tokens=tokens, gpu_gib=gpu)
+
+
+def test_inference_names_its_dtype_and_scores_where_it_generates(tmp_path, tiny_model):
+    """GPU: bf16 spread over the GPUs for answers, reward scores and lm-eval (never "auto": a merged checkpoint
+    saved in float32 would load in float32); CPU: float32. The reward scorer follows the same placement, its
+    inputs go to the model's device, and a bf16 scorer gives the fp32 scores to bf16 precision."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.generation import inference_dtype, inference_placement
+    from alignkit.lmeval import model_args
+    from alignkit.rejection_sampling import RewardModelScorer
+
+    assert inference_placement(True) == {"dtype": torch.bfloat16, "device_map": "auto"}
+    assert inference_placement(False) == {"dtype": torch.float32, "device_map": None}
+    assert inference_dtype(True) == "bfloat16" and model_args(tiny_model, None, 4)["dtype"] == "float32"
+
+    reward = str(tmp_path / "reward")
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(reward)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(reward)
+    convs, answers = [[{"role": "user", "content": "Hi"}]] * 2, ["Hello.", "Good day to you."]
+    cpu = RewardModelScorer(reward)
+    as_on_gpu = RewardModelScorer(reward, on_gpu=True)  # the GPU path's arguments; accelerate places it on CPU here
+    assert cpu.model.dtype == torch.float32 and as_on_gpu.model.dtype == torch.bfloat16
+    assert torch.allclose(torch.tensor(as_on_gpu(convs, answers)), torch.tensor(cpu(convs, answers)), rtol=0.05,
+                          atol=0.05)

@@ -10,6 +10,26 @@ import time
 logger = logging.getLogger(__name__)
 
 
+def inference_dtype(on_gpu: bool | None = None) -> str:
+    """The dtype models are loaded in for inference, named explicitly (a checkpoint's own `torch_dtype` may be
+    float32: a 33B model then needs 130 GB): bfloat16 on a GPU, float32 on a CPU (bf16 there is up to 10x slower,
+    and fp32 keeps CPU results the same on every instruction set)."""
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    return "bfloat16" if on_gpu else "float32"
+
+
+def inference_placement(on_gpu: bool | None = None) -> dict:
+    """`from_pretrained` arguments for inference: `inference_dtype`, spread over the GPUs when there are any."""
+    import torch
+
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+    return {"dtype": getattr(torch, inference_dtype(on_gpu)), "device_map": "auto" if on_gpu else None}
+
+
 def load_for_inference(model_path: str, adapter_path: str | None = None, chat_template: str | None = None):
     """(model, tokenizer) in eval mode: a model directory, optionally with a PEFT adapter on top (not merged)."""
     import torch
@@ -19,10 +39,7 @@ def load_for_inference(model_path: str, adapter_path: str | None = None, chat_te
     tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # bf16 on a GPU (a 33B model in fp32 does not fit one), fp32 on a CPU (no bf16 units: 10x slower there).
-    on_gpu = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if on_gpu else torch.float32,
-                                                 device_map="auto" if on_gpu else None)
+    model = AutoModelForCausalLM.from_pretrained(model_path, **inference_placement())
     if adapter_path:
         from peft import PeftModel
 
@@ -237,8 +254,15 @@ def load_tokenizer_only(path: str, chat_template: str | None = None):
 
     from .templates import resolve_chat_template
 
+    from .stage import UsageError
+
     tokenizer = AutoTokenizer.from_pretrained(path)
     template = resolve_chat_template(chat_template)
     if template is not None:
         tokenizer.chat_template = template
+    if not tokenizer.chat_template:  # a base checkpoint: say so before any weights load, not a traceback after
+        from .templates import NAMED_TEMPLATES
+
+        raise UsageError(f"{path} has no chat template and none was given: pass --chat_template "
+                         f"({', '.join(NAMED_TEMPLATES)}, or a Jinja string)")
     return tokenizer

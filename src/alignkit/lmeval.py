@@ -80,10 +80,11 @@ def model_args(base: str, model_dir: str | None, batch_size: int) -> dict:
     """lm-eval `hf` model arguments: base + PEFT adapter, or a merged/full model directory."""
     import torch
 
-    from .generation import split_models
+    from .generation import inference_dtype, split_models
 
     gpu = torch.cuda.is_available()
-    args = {"pretrained": base, "dtype": "auto" if gpu else "float32", "device": "cuda" if gpu else "cpu",
+    # the dtype named, never "auto": a merged checkpoint saved in float32 would load in float32
+    args = {"pretrained": base, "dtype": inference_dtype(gpu), "device": "cuda" if gpu else "cpu",
             "batch_size": batch_size, "trust_remote_code": False}
     if model_dir:
         if not os.path.isdir(model_dir):

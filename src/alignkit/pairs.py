@@ -30,6 +30,23 @@ def build_pairs(conversations: list[dict], answers: list[str]) -> tuple[list[dic
     return pairs, dropped
 
 
+def check_fits_gpu(args, tokenizer, prompts: list[list[dict]]) -> None:
+    """On GPUs, refuse before the weights load a batch whose KV cache cannot fit beside them (Anima 33B in bf16
+    is 61 GiB: 16 answers of 512 tokens do not fit an 80 GB GPU beside it). Batches are longest-first, so the
+    first holds the longest prompt."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from .generation import prompt_ids
+    from .plan import architecture, check_generation_fits
+
+    total = sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    longest = max(len(ids) for ids in prompt_ids(tokenizer, prompts))
+    check_generation_fits(args.model, architecture(args.model), batch=args.batch_size,
+                          tokens=longest + args.max_new_tokens, gpu_gib=total / 2**30)
+
+
 def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="alignkit pairs", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory whose own answers become the rejected side")
@@ -43,13 +60,15 @@ def run(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from .data import CONVERSATION, load_source_rows, normalize_rows, write_jsonl
-    from .generation import generate, load_for_inference
+    from .generation import generate, load_for_inference, load_tokenizer_only
 
     label, raw = load_source_rows(args.questions)
     conversations, _ = normalize_rows(label, raw, CONVERSATION, drop_invalid=False)
+    prompts = [c["messages"][:-1] for c in conversations]
+    check_fits_gpu(args, load_tokenizer_only(args.adapter or args.model, args.chat_template), prompts)
     model, tokenizer = load_for_inference(args.model, args.adapter, args.chat_template)
-    answers, stats = generate(model, tokenizer, [c["messages"][:-1] for c in conversations],
-                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    answers, stats = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, seed=args.seed)
     pairs, dropped = build_pairs(conversations, answers)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"

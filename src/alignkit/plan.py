@@ -226,6 +226,31 @@ def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int 
             "seconds_per_step": None if seconds is None else round(seconds, 2), "utilisation": utilisation}
 
 
+def generation_gib(a: dict, *, batch: int, tokens: int, dtype_bytes: int = 2) -> dict:
+    """Memory (GiB, by part) of batched generation with a KV cache: the weights, the cache of `batch` sequences of
+    `tokens` (prompt + new) tokens, the prefill's widest activation, and the runtime."""
+    counts = parameter_counts(a)
+    kv_dim = a["hidden_size"] * a["num_key_value_heads"] // a["num_attention_heads"]
+    parts = {"weights": counts["total"] * dtype_bytes,
+             "kv_cache": 2 * a["num_hidden_layers"] * kv_dim * batch * tokens * dtype_bytes,
+             "prefill": batch * tokens * max(a["intermediate_size"], a["vocab_size"]) * dtype_bytes * 2,
+             "overhead": GiB}
+    return {k: round(v / GiB, 2) for k, v in parts.items()} | {"total": round(sum(parts.values()) / GiB, 2)}
+
+
+def check_generation_fits(model: str, a: dict, *, batch: int, tokens: int, gpu_gib: float) -> dict:
+    """Refuse, before any weight loads, a generation batch that cannot fit the GPU memory there is, naming the
+    largest batch that would."""
+    need = generation_gib(a, batch=batch, tokens=tokens)
+    if need["total"] > gpu_gib:
+        fits = next((b for b in range(batch - 1, 0, -1)
+                     if generation_gib(a, batch=b, tokens=tokens)["total"] <= gpu_gib), None)
+        hint = f"--batch_size {fits} fits" if fits else "no batch fits: use more GPUs or fewer --max_new_tokens"
+        raise UsageError(f"{model}: generating {batch} x {tokens} tokens needs {need['total']} GiB (weights "
+                         f"{need['weights']}, KV cache {need['kv_cache']}) > {gpu_gib:.1f} GiB of GPU memory here; {hint}")
+    return need
+
+
 def parse_gpus(spec: str) -> tuple[int, str, float, float]:
     """'8xH100-80GB' → (8, 'H100-80GB', usable GiB, peak TFLOP/s)."""
     match = re.fullmatch(r"(\d+)x(.+)", spec)

@@ -34,18 +34,20 @@ Scorer = Callable[[list[list[dict]], list[str]], list[float]]
 class RewardModelScorer:
     """Scores (conversation, completion) with a sequence-classification reward model (full or LoRA adapter)."""
 
-    def __init__(self, path: str, chat_template: str | None = None, batch_size: int = 16):
-        import torch
+    def __init__(self, path: str, chat_template: str | None = None, batch_size: int = 16, on_gpu: bool | None = None):
         from transformers import AutoModelForSequenceClassification
 
-        from .generation import load_tokenizer_only
+        from .generation import inference_placement, load_tokenizer_only
 
+        # on the GPU when there is one (bf16), as the policy that samples: scoring N completions per prompt on the
+        # CPU beside a GPU would take longer than sampling them
+        placement = inference_placement(on_gpu)
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             from peft import AutoPeftModelForSequenceClassification
 
-            model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+            model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, **placement)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **placement)
         self.tokenizer = load_tokenizer_only(path, chat_template)
         self.tokenizer.padding_side = "right"
         model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -59,7 +61,7 @@ class RewardModelScorer:
         scores: list[float] = []
         for b in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[b:b + self.batch_size], return_tensors="pt", padding=True,
-                                 add_special_tokens=False)
+                                 add_special_tokens=False).to(self.model.device)
             with torch.no_grad():
                 scores.extend(self.model(**enc).logits[:, 0].float().tolist())
         return scores

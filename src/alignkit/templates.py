@@ -41,7 +41,26 @@ ZEPHYR = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
-NAMED_TEMPLATES = {"smollm2": SMOLLM2, "chatml": CHATML, "zephyr": ZEPHYR}
+# Anthropic HH-RLHF's text format, as Anima's QLoRA-DPO trained on it (rlhf/qlora_dpo.py): BOS, then
+# "\n\nHuman: …\n\nAssistant: …" turns, EOS after the answer. For base checkpoints without a chat template of their
+# own (lyogavin/Anima33B-merged); a system message, which that format has no turn for, is written as plain text.
+# The prompt ends at "Assistant:" and the answer begins with its space, as TRL's hh-rlhf splits do: a prompt ending
+# in a space tokenizes differently from the same text followed by the answer (" Paris" is one token).
+HH_RLHF = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '\n\nAssistant:' }}{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}"
+    "{% elif message['role'] == 'user' %}"
+    "{{ '\n\nHuman: ' + message['content'] }}"
+    "{% else %}"
+    "{{ message['content'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+)
+
+NAMED_TEMPLATES = {"smollm2": SMOLLM2, "chatml": CHATML, "zephyr": ZEPHYR, "hh-rlhf": HH_RLHF}
 
 
 def resolve_chat_template(name_or_template: str | None) -> str | None:
