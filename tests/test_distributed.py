@@ -249,7 +249,7 @@ def test_preemption_through_alignkit_launch_and_accelerate_resumes_to_the_uninte
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == REQUEUE_EXIT, rest[-3000:]
-    assert "SIGUSR1 → 2 training process(es)" in rest and rest.count("stopped by a signal at step") == 2, rest[-3000:]
+    assert "SIGUSR1 → 2 training process(es)" in rest and rest.count("stopped by SIGUSR1 at step") == 2, rest[-3000:]
     assert not out.exists()
     runs = os.listdir(checkpoint_root(str(out)))
     stopped_at = last_complete_checkpoint(os.path.join(checkpoint_root(str(out)), runs[0]))

@@ -84,7 +84,7 @@ def test_preemption_signal_checkpoints_exits_for_requeue_and_resumes(reference, 
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == REQUEUE_EXIT, rest[-2000:]
-    assert "stopped by a signal at step" in rest and not out.exists()
+    assert f"stopped by {sig.name} at step" in rest and not out.exists()
     runs = os.listdir(checkpoint_root(str(out)))
     assert last_complete_checkpoint(os.path.join(checkpoint_root(str(out)), runs[0]))
     done = subprocess.run(stage_cmd(recipe, out), capture_output=True, text=True, timeout=600)
@@ -134,3 +134,16 @@ def test_too_little_disk_for_a_checkpoint_is_refused_before_training(tmp_path):
     with pytest.raises(RecipeError, match=r"a checkpoint needs about .* GiB at .*, but only .* GiB is free there"):
         check_disk(str(tmp_path / "ckpt"), 10 ** 18, "a checkpoint")
     check_disk(str(tmp_path / "ckpt"), 1024, "a checkpoint")
+
+
+def test_a_stage_run_in_process_leaves_the_signal_handlers_as_it_found_them(tmp_path, tiny_model, tiny_data):
+    """The preemption handler is the training loop's only: a stage run in a notebook or a test session used to leave
+    it installed, so a later SIGTERM/SIGUSR1 meant for something else marked the next run in that process as
+    preempted at its first step."""
+    from conftest import tiny_recipe
+
+    from alignkit import sft
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    sft.train(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", max_steps=1)])
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -136,13 +136,23 @@ def make_callbacks():
 
         def __init__(self):
             self.received = None
+            self.previous = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # installed for the training loop only, and the process's own handlers put back after it: a stage run
+            # in-process (a notebook, a test session) must not keep reacting to signals meant for a later run
             for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handler)
+                self.previous[sig] = signal.signal(sig, self._handler)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            self.previous = {}
 
         def _handler(self, signum, frame):
-            self.received = signum
+            self.received = signal.Signals(signum).name
             logger.warning("received %s: checkpointing after this step, then exiting with %d for requeue",
-                           signal.Signals(signum).name, REQUEUE_EXIT)
+                           self.received, REQUEUE_EXIT)
 
         def on_step_end(self, args, state, control, **kwargs):
             stop = self.received is not None
@@ -157,6 +167,7 @@ def make_callbacks():
                 control.should_save = True
                 control.should_training_stop = True
                 self.stopped_at = state.global_step
+                self.stopped_by = self.received or "a signal to another rank"
 
     return [NonFiniteGuard(), PreemptionCheckpoint()]
 

@@ -13,6 +13,7 @@ data it takes, its own recipe checks and metrics — and `StageSpec.train` runs 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import json
@@ -54,14 +55,39 @@ def run_cli(stage: str, body, argv) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    status = 1
     try:
-        return body(list(sys.argv[1:] if argv is None else argv)) or 0
+        status = body(list(sys.argv[1:] if argv is None else argv)) or 0
+        return status
     except user_errors() as e:
         print(f"alignkit {stage}: error: {e}", file=sys.stderr)
-        return 2
+        status = 2
+        return status
     except Preempted as e:
         print(f"alignkit {stage}: {e}", file=sys.stderr)
-        return REQUEUE_EXIT
+        status = REQUEUE_EXIT
+        return status
+    finally:
+        leave_process_group(all_ranks_here=status in (0, REQUEUE_EXIT))
+
+
+def leave_process_group(all_ranks_here: bool) -> None:
+    """Destroy the distributed process group before the interpreter exits. A rank that exits with it open can
+    abort in the communication library's threads at shutdown ("terminate called without an active exception",
+    seen on a 2-rank DeepSpeed CPU run), and the elastic agent then SIGTERMs the other ranks, possibly while rank 0
+    still writes. After a finished or preempted run every rank gets here: wait for all first. After an error the
+    others may never arrive, so leave without waiting."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if all_ranks_here:
+        with contextlib.suppress(Exception):
+            dist.barrier()
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
 
 
 def import_object(path: str):
@@ -335,11 +361,10 @@ def train_and_evaluate(trainer, data_report, resume_from: str | None = None) -> 
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - start
-    stopped = [getattr(cb, "stopped_at", None) for cb in trainer.callback_handler.callbacks]
-    if any(s is not None for s in stopped):
-        step = next(s for s in stopped if s is not None)
-        raise Preempted(f"stopped by a signal at step {step}; checkpoint saved in {trainer.args.output_dir}; "
-                        "rerun the stage (or let Slurm requeue it) to resume")
+    stopped = [cb for cb in trainer.callback_handler.callbacks if getattr(cb, "stopped_at", None) is not None]
+    if stopped:
+        raise Preempted(f"stopped by {stopped[0].stopped_by} at step {stopped[0].stopped_at}; checkpoint saved in "
+                        f"{trainer.args.output_dir}; rerun the stage (or let Slurm requeue it) to resume")
     evaluation = trainer.evaluate()
     # Wall time goes to the log, not the metrics: metrics (and the output directory holding them) must be
     # identical on a rerun, or DVC would see a changed output and retrain everything downstream.
