@@ -75,13 +75,22 @@ def test_the_accelerate_config_follows_the_recipe_and_impossible_pairs_are_refus
                                       world=1 if "qlora" in name else 8, gpus=8)
                for name in ("zephyr-7b-beta/sft", "zephyr-7b-beta/dpo", "zephyr-7b-beta/sft-qlora",
                             "zephyr-7b-beta/dpo-qlora", "anima-33b/dpo")}
-    assert {n: os.path.basename(launch.default_accelerate_config(r)) for n, r in recipes.items()} == {
-        "zephyr-7b-beta/sft": "zero3.yaml", "zephyr-7b-beta/dpo": "zero3.yaml", "zephyr-7b-beta/sft-qlora": "ddp.yaml",
-        "zephyr-7b-beta/dpo-qlora": "ddp.yaml", "anima-33b/dpo": "ddp.yaml"}
-    configs = {c: launch.read_accelerate_config(f"recipes/accelerate/{c}.yaml") for c in ("ddp", "zero2", "zero3", "fsdp")}
+    expected = {"zephyr-7b-beta/sft": "zero3", "zephyr-7b-beta/dpo": "zero3", "zephyr-7b-beta/sft-qlora": "ddp",
+                "zephyr-7b-beta/dpo-qlora": "ddp", "anima-33b/dpo": "ddp"}
+    assert {n: os.path.basename(launch.default_accelerate_config(r, 8)) for n, r in recipes.items()} == {
+        n: f"{c}.yaml" for n, c in expected.items()}
+    # without GPUs: the same choice on 2 CPU processes (the CPU twins)
+    assert {n: os.path.basename(launch.default_accelerate_config(r, 0)) for n, r in recipes.items()} == {
+        n: f"{c}-cpu.yaml" for n, c in expected.items()}
+    configs = {c: launch.read_accelerate_config(f"recipes/accelerate/{c}.yaml")
+               for c in ("ddp", "zero2", "zero3", "fsdp", "ddp-cpu", "zero3-cpu")}
+    assert all(configs[c]["use_cpu"] and configs[c]["num_processes"] == 2 for c in ("ddp-cpu", "zero3-cpu"))
+    from alignkit.plan import zero_stage_of
+
+    assert zero_stage_of(configs["zero3-cpu"])[0] == 3  # read from its DeepSpeed JSON
     for name in ("ddp", "zero2"):
         launch.check_launch(recipes["anima-33b/dpo"], "anima", name, configs[name])
-    for name in ("zero3", "fsdp"):
+    for name in ("zero3", "fsdp", "zero3-cpu"):
         with pytest.raises(RecipeError, match="QLoRA .* under ZeRO-3 or FSDP: 4-bit weights cannot be sharded"):
             launch.check_launch(recipes["zephyr-7b-beta/dpo-qlora"], "qlora", name, configs[name])
         launch.check_launch(recipes["zephyr-7b-beta/dpo"], "full", name, configs[name])
@@ -92,6 +101,10 @@ def test_the_accelerate_config_follows_the_recipe_and_impossible_pairs_are_refus
                                                          "zero3_save_16bit_model": False}}
     assert launch.accelerate_config_problems(sharded)[0].startswith("fsdp_state_dict_type SHARDED_STATE_DICT")
     assert "zero3_save_16bit_model" in launch.accelerate_config_problems(no_gather)[0]
+    ds_json = tmp_path / "ds.json"  # the same in a DeepSpeed JSON (the CPU twin's form)
+    ds_json.write_text('{"zero_optimization": {"stage": 3}}')
+    file_no_gather = {**configs["zero3-cpu"], "deepspeed_config": {"deepspeed_config_file": str(ds_json)}}
+    assert "stage3_gather_16bit_weights_on_model_save" in launch.accelerate_config_problems(file_no_gather)[0]
     assert not any(launch.accelerate_config_problems(c) for c in configs.values())
     with pytest.raises(RecipeError, match="writes no weights"):
         launch.check_launch(recipes["zephyr-7b-beta/dpo"], "full", "sharded", sharded)

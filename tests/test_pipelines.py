@@ -51,17 +51,23 @@ def test_stage_recipes_exist_and_validate(dvc_file):
         os.chdir(cwd)
 
 
-@pytest.mark.parametrize("builder", ["data/smol/build.py", "data/gpt2-nl/build.py"])
+@pytest.mark.parametrize("builder", ["data/smol/build.py", "data/gpt2-nl/build.py",
+                                     "data/zephyr-7b-beta-twin/build.py"])
 def test_data_builders_reproduce_committed_files(builder, tmp_path):
+    """Each builder, run on a copy of data/ with its own outputs deleted, writes them again byte for byte."""
     import shutil
 
-    src_dir = os.path.join(ROOT, os.path.dirname(builder))
-    shutil.copytree(src_dir, tmp_path / "d")
-    for f in glob.glob(str(tmp_path / "d" / "*.jsonl")):
-        os.remove(f)
-    subprocess.run([sys.executable, str(tmp_path / "d" / "build.py")], check=True, capture_output=True)
-    for f in sorted(glob.glob(os.path.join(src_dir, "*.jsonl"))):
-        assert open(f, "rb").read() == open(tmp_path / "d" / os.path.basename(f), "rb").read(), f
+    shutil.copytree(os.path.join(ROOT, "data"), tmp_path / "data")
+    folder = os.path.dirname(builder)
+    written = sorted(os.path.relpath(f, os.path.join(ROOT, folder))
+                     for f in glob.glob(os.path.join(ROOT, folder, "**", "*"), recursive=True)
+                     if os.path.isfile(f) and f.endswith((".jsonl", ".md")))
+    assert written
+    for f in written:
+        os.remove(tmp_path / folder / f)
+    subprocess.run([sys.executable, str(tmp_path / builder)], check=True, capture_output=True)
+    for f in written:
+        assert open(os.path.join(ROOT, folder, f), "rb").read() == open(tmp_path / folder / f, "rb").read(), f
 
 
 def test_dvc_accepts_the_committed_metrics_and_plots(tmp_path):

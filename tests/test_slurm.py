@@ -34,7 +34,9 @@ def test_sbatch_dpo_runs_the_stage_and_completes(cluster, tmp_path, tiny_model, 
     # The script asks for 8 GPUs and 32 CPUs; this node has none and 2: command-line options override #SBATCH.
     job = cluster.run(["sbatch", "--parsable", "--wait", "--gres=none", "--cpus-per-task=1", "--mem=4000",
                        f"--output={tmp_path}/job-%j.out", "slurm/dpo.sh", recipe, "--output_dir", str(out)],
-                      cwd=ROOT, env={"ALIGNKIT_PYTHON": sys.executable}, timeout=600)
+                      cwd=ROOT, env={"ALIGNKIT_PYTHON": sys.executable,
+                                     # one process on this node (auto would pick the 2-process CPU twin ddp-cpu.yaml)
+                                     "ACCELERATE_CONFIG": "recipes/accelerate/ddp.yaml"}, timeout=600)
     job_id = job.stdout.strip().split(";")[0]
     log = (tmp_path / f"job-{job_id}.out").read_text() if job_id else ""
     assert job.returncode == 0, job.stderr + log

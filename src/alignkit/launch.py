@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -78,12 +79,13 @@ def check_fits(stage: str, recipe, recipe_path: str, *, world: int, accelerate_c
 ACCELERATE_CONFIGS = "recipes/accelerate"
 
 
-def default_accelerate_config(recipe) -> str:
+def default_accelerate_config(recipe, gpus: int) -> str:
     """The accelerate config a recipe runs under unless one is named: data parallel for LoRA and QLoRA (the frozen
     base fits each GPU; 4-bit weights cannot be sharded here), ZeRO-3 for full-parameter training (a 7B model's
-    fp32 masters, gradients and Adam states do not fit one GPU)."""
+    fp32 masters, gradients and Adam states do not fit one GPU). On a machine without GPUs, the same on 2 CPU
+    processes (ddp-cpu.yaml, zero3-cpu.yaml): the CPU twins run the multi-process path GPU users take."""
     lora = recipe.model.use_peft or recipe.extras.adapter_path
-    return os.path.join(ACCELERATE_CONFIGS, "ddp.yaml" if lora else "zero3.yaml")
+    return os.path.join(ACCELERATE_CONFIGS, ("ddp" if lora else "zero3") + ("" if gpus else "-cpu") + ".yaml")
 
 
 def read_accelerate_config(path: str) -> dict:
@@ -106,7 +108,15 @@ def accelerate_config_problems(config: dict) -> list[str]:
     if kind == "FSDP" and fsdp.get("fsdp_state_dict_type", "FULL_STATE_DICT") != "FULL_STATE_DICT":
         problems.append(f"fsdp_state_dict_type {fsdp['fsdp_state_dict_type']}: Trainer.save_model writes no weights "
                         "with it; use FULL_STATE_DICT")
-    if kind == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3 and not ds.get("zero3_save_16bit_model"):
+    if kind == "DEEPSPEED" and ds.get("deepspeed_config_file"):
+        from .plan import zero_stage_of
+
+        with open(ds["deepspeed_config_file"]) as f:
+            zero = json.load(f).get("zero_optimization", {})
+        if zero_stage_of(config)[0] == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+            problems.append(f"{ds['deepspeed_config_file']}: ZeRO-3 without stage3_gather_16bit_weights_on_model_save: "
+                            "true: the final save holds no gathered weights")
+    elif kind == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3 and not ds.get("zero3_save_16bit_model"):
         problems.append("ZeRO-3 without zero3_save_16bit_model: true: the final save holds no gathered weights")
     return problems
 
@@ -142,7 +152,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("stage", nargs="?", help="cpt, sft, dpo, orpo, cpo, kto or reward")
     p.add_argument("--config", help="the stage's recipe")
     p.add_argument("--accelerate_config", default="auto",
-                   help="an accelerate config; auto (default): ddp.yaml for LoRA/QLoRA, zero3.yaml for full training")
+                   help="an accelerate config; auto (default): ddp.yaml for LoRA/QLoRA, zero3.yaml for full training "
+                        "(without GPUs: their 2-process CPU twins ddp-cpu.yaml, zero3-cpu.yaml)")
     p.add_argument("--num_machines", type=int, default=int(os.environ.get("SLURM_NNODES", "1")))
     p.add_argument("--machine_rank", type=int, default=int(os.environ.get("SLURM_NODEID", "0")))
     p.add_argument("--main_process_ip", default=os.environ.get("MASTER_ADDR"))
@@ -166,7 +177,8 @@ def run(argv: list[str]) -> int:
         raise UsageError("alignkit launch STAGE --config RECIPE [--accelerate_config CONFIG] [--key value ...]")
     config_path = args.accelerate_config
     if config_path == "auto":
-        config_path = default_accelerate_config(preflight(args.stage, args.config, overrides, world=1, gpus=gpus))
+        config_path = default_accelerate_config(preflight(args.stage, args.config, overrides, world=1, gpus=gpus),
+                                                gpus)
     config = read_accelerate_config(config_path)
     # On CPU, a config that says use_cpu with several processes (the CPU twins of multi-GPU runs) is launched as it
     # is; any other runs the stage in this process.

@@ -152,7 +152,11 @@ def zero_stage(accelerate_config: str | None) -> tuple[int, str | None]:
 def zero_stage_of(cfg: dict) -> tuple[int, str | None]:
     """zero_stage of an accelerate config already read."""
     if cfg.get("distributed_type") == "DEEPSPEED":
-        return int(cfg.get("deepspeed_config", {}).get("zero_stage", 0)), None
+        ds = cfg.get("deepspeed_config", {})
+        if ds.get("deepspeed_config_file"):  # the stage is in DeepSpeed's own JSON (path from the working directory)
+            with open(ds["deepspeed_config_file"]) as f:
+                return int(json.load(f).get("zero_optimization", {}).get("stage", 0)), None
+        return int(ds.get("zero_stage", 0)), None
     if cfg.get("distributed_type") == "FSDP":
         return 3, "FSDP"
     return 0, None
