@@ -94,3 +94,23 @@ def test_openai_judge_through_the_stand_in_server_with_pairwise(tmp_path, tiny_m
                          "--plot", str(tmp_path / "plot.csv")])
     finally:
         server.httpd.shutdown()
+
+
+def test_a_scaled_down_run_answers_the_first_questions_of_chosen_categories():
+    """The Zephyr twin's selection from the real 80: the first 2 of each reference-guided category, all with
+    MT-Bench's GPT-4 references (what the offline reference-f1 judge needs)."""
+    import pytest
+
+    from alignkit.mtbench import load_questions, select_questions
+    from alignkit.stage import UsageError
+
+    questions = load_questions("mt_bench")
+    chosen = select_questions(questions, ["math", "reasoning", "coding"], 2)
+    from collections import Counter
+
+    assert Counter(q["category"] for q in chosen) == {"math": 2, "reasoning": 2, "coding": 2}
+    assert all(q["reference"] for q in chosen)
+    assert [q["question_id"] for q in chosen] == sorted(q["question_id"] for q in chosen)
+    assert select_questions(questions, None, None) == questions and len(questions) == 80
+    with pytest.raises(UsageError, match="no questions in poetry; categories here: coding, extraction"):
+        select_questions(questions, ["poetry"], None)

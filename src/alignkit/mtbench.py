@@ -28,6 +28,24 @@ TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, 
                "stem": 0.1, "humanities": 0.1}
 
 
+def select_questions(questions: list[dict], categories: list[str] | None, per_category: int | None) -> list[dict]:
+    """The questions of `categories` (all when None), the first `per_category` of each by question_id."""
+    from .stage import UsageError
+
+    known = sorted({q["category"] for q in questions})
+    unknown = sorted(set(categories or []) - set(known))
+    if unknown:
+        raise UsageError(f"--categories: no questions in {', '.join(unknown)}; categories here: {', '.join(known)}")
+    kept, count = [], {}
+    for q in questions:
+        if categories and q["category"] not in categories:
+            continue
+        count[q["category"]] = count.get(q["category"], 0) + 1
+        if per_category is None or count[q["category"]] <= per_category:
+            kept.append(q)
+    return kept
+
+
 def load_questions(source: str) -> list[dict]:
     """[{question_id, category, turns, reference (list or None)}] sorted by question_id."""
     if source == "mt_bench":
@@ -170,6 +188,9 @@ def run(argv: list[str]) -> int:
     p.add_argument("--judge_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--max_unparseable", type=float, default=0.05, help="fail above this share of bad ratings")
     p.add_argument("--pairwise", default=None, metavar="X:Y", help="win rate of model X over model Y")
+    p.add_argument("--categories", nargs="*", default=None, help="only these MT-Bench categories (default: all)")
+    p.add_argument("--per_category", type=int, default=None,
+                   help="only the first N questions of each category (by question_id): a scaled-down run")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -183,7 +204,7 @@ def run(argv: list[str]) -> int:
     from .generation import Generator
     from .judges import JudgmentCache, OpenAIJudge, ReferenceScorer, load_judge_prompts
 
-    questions = load_questions(args.questions)
+    questions = select_questions(load_questions(args.questions), args.categories, args.per_category)
     models = dict(m.split("=", 1) for m in args.models)
     if args.judge == "openai":
         judge, prompts = OpenAIJudge(args.judge_url, args.judge_model, api_key_env=args.judge_key_env), \
