@@ -27,6 +27,7 @@ help:
 	@echo "make demo-gpt2-nl  - the gpt2-nl CPU twin: Dutch CPT → SFT → DPO (pipelines/gpt2-nl)"
 	@echo "make bench  - time the whole smol pipeline from scratch (bench/smol_pipeline.sh)"
 	@echo "make train-zephyr | train-anima | train-gpt2-nl - the GPU pipelines on this machine's GPUs"
+	@echo "make train-zephyr VARIANT=twin - its CPU twin (SmolLM2, 2 CPU processes per training stage)"
 	@echo "make docker-build - the CUDA container (Dockerfile); make docker-TARGET runs make TARGET in it"
 
 ifdef ALIGNKIT_BASE_IMAGE
@@ -69,9 +70,24 @@ demo-gpt2-nl: $(STAMP)
 # GPU pipelines: `alignkit launch --preflight` refuses in a second, before anything loads, on a machine without
 # the GPUs the recipes need or when a global batch does not divide over them; then DVC runs the stages, each
 # through `alignkit launch` (accelerate on every GPU here). Multi-node: sbatch slurm/<stage>.sh (README).
+# VARIANT=twin: the pipeline's CPU twin (params.yaml's defaults; offline, 2 CPU processes per training stage).
+# Otherwise the real variant, set over the twin's defaults with -S (dvc exp run).
+ZEPHYR := pipelines/zephyr-7b-beta/params.yaml
+ZEPHYR_REAL := -S '$(ZEPHYR):variant=zephyr-7b-beta' -S '$(ZEPHYR):base_model=mistralai/Mistral-7B-v0.1' \
+	-S '$(ZEPHYR):base_dep=recipes/zephyr-7b-beta/sft.yaml' -S '$(ZEPHYR):mtbench.select=""' \
+	-S '$(ZEPHYR):mtbench.judge=openai' -S '$(ZEPHYR):mtbench.max_new_tokens=1024' \
+	-S '$(ZEPHYR):lmeval_tasks=leaderboard-v1'
+ifeq ($(VARIANT),twin)
+train-zephyr: export HF_HUB_OFFLINE := 1
+train-zephyr: export HF_DATASETS_OFFLINE := 1
+train-zephyr: export TRANSFORMERS_OFFLINE := 1
+train-zephyr: $(STAMP)
+	$(RUN) $(BIN)/dvc repro pipelines/zephyr-7b-beta/dvc.yaml
+else
 train-zephyr: $(STAMP)
 	$(RUN) $(BIN)/python -m alignkit.launch --preflight recipes/zephyr-7b-beta/sft.yaml recipes/zephyr-7b-beta/dpo.yaml
-	$(RUN) $(BIN)/dvc repro pipelines/zephyr-7b-beta/dvc.yaml
+	$(RUN) $(BIN)/dvc exp run pipelines/zephyr-7b-beta/dvc.yaml $(ZEPHYR_REAL)
+endif
 
 train-anima: $(STAMP)
 	$(RUN) $(BIN)/python -m alignkit.launch --preflight recipes/anima-33b/dpo.yaml

@@ -156,14 +156,14 @@ def test_only_the_cpu_targets_run_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
 
     def seen(target):
-        done = subprocess.run(["make", "-s", target, f"VENV={venv}"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(["make", "-s", *target.split(), f"VENV={venv}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         return [line for line in done.stdout.splitlines() if "OFFLINE=" in line]
 
     for target in ("train-zephyr", "train-anima", "train-gpt2-nl"):
         lines = seen(target)
         assert lines and all(line.count("=unset") == 3 for line in lines), (target, lines)
-    for target in ("test", "demo"):
+    for target in ("test", "demo", "train-zephyr VARIANT=twin"):
         lines = seen(target)
         assert lines and all(line.count("=1") == 3 for line in lines), (target, lines)

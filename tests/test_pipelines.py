@@ -185,3 +185,28 @@ def test_inference_names_its_dtype_and_scores_where_it_generates(tmp_path, tiny_
     assert cpu.model.dtype == torch.float32 and as_on_gpu.model.dtype == torch.bfloat16
     assert torch.allclose(torch.tensor(as_on_gpu(convs, answers)), torch.tensor(cpu(convs, answers)), rtol=0.05,
                           atol=0.05)
+
+
+# What a CPU twin recipe may change from its real recipe, and why: which model and data, where outputs go, sizes,
+# and what the hardware forces (no GPU: fp32, no CUDA-paged optimiser). Anything else is a different recipe.
+TWIN_MAY_DIFFER = {
+    "model_name_or_path": "model", "output_dir": "location", "metrics_dir": "location", "ref_logps": "location",
+    "global_batch_size": "size", "per_device_train_batch_size": "size", "max_eval_samples": "size",
+    "requires_gpu": "hardware", "bf16": "hardware", "bnb_4bit_compute_dtype": "hardware", "optim": "hardware",
+}
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "sft-qlora", "dpo-qlora"])
+def test_zephyr_twin_recipes_differ_from_the_real_ones_only_in_model_data_sizes_and_hardware(name):
+    import yaml
+
+    real = yaml.safe_load(open(os.path.join(ROOT, "recipes/zephyr-7b-beta", f"{name}.yaml")))
+    twin = yaml.safe_load(open(os.path.join(ROOT, "recipes/zephyr-7b-beta-twin", f"{name}.yaml")))
+    assert real.keys() == twin.keys()
+    differ = {k for k in real if real[k] != twin[k]}
+    assert differ - set(TWIN_MAY_DIFFER) <= {"datasets", "test_datasets"}, differ - set(TWIN_MAY_DIFFER)
+    for key in ("datasets", "test_datasets"):  # the same hub set and split, read from the twin's local copy
+        for r, t in zip(real[key], twin[key], strict=True):
+            assert r["split"] == t["split"] and t["path"] == "data/zephyr-7b-beta-twin/" + r["path"].split("/")[1]
+    assert twin["requires_gpu"] is False and twin["bf16"] is False
+    assert twin.get("bnb_4bit_compute_dtype", "float32") == "float32" and twin.get("optim") in (None, "adamw_torch")
