@@ -282,3 +282,24 @@ def test_one_answer_engine_at_a_time(tiny_model, tmp_path):
     assert base_engine() is None, "the base model stayed loaded beside the merged one"
     again, _ = hf("base", [[{"role": "user", "content": "Hi"}]], max_new_tokens=3)
     assert again == first
+
+
+def test_every_leaderboard_v1_task_resolves_in_lm_evals_own_registry_offline():
+    """The GPU pipelines' `--tasks leaderboard-v1` names real lm-eval tasks: each is in lm-eval's task index (its
+    installed YAMLs — nothing downloaded), the headline metric is one the task computes, and a filtered metric
+    ("exact_match,strict-match") names a filter the task defines."""
+    from lm_eval.tasks import TaskManager
+
+    index = TaskManager().task_index
+    for name, shots, metric in lmeval.task_plan("leaderboard-v1"):
+        entry = index.get(name)
+        assert entry is not None, f"{name}: not an lm-eval task or group"
+        if entry.kind.name == "GROUP":  # mmlu: a group of 57 subject tasks, each computing acc
+            assert name == "mmlu" and metric == "acc,none" and entry.yaml_path.exists()
+            continue
+        cfg = entry.cfg
+        measured, _, filtered = metric.partition(",")
+        assert measured in [m["metric"] for m in cfg["metric_list"]] or (measured == "acc_norm" and
+                                                                           cfg["output_type"] == "multiple_choice"), name
+        assert filtered == "none" or filtered in [f["name"] for f in cfg.get("filter_list", [])], name
+        assert cfg.get("dataset_path") and shots >= 0
