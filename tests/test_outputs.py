@@ -108,6 +108,26 @@ def test_report_lmeval_and_alpacaeval_tables():
     assert "| dpo | 75.000 | – | 3.000 | 0.000 | 4.000 |" in text and "Annotator: chatgpt" in text
 
 
+def test_report_of_a_pipeline_without_the_evaluate_stage(tmp_path):
+    """Zephyr's pipeline has MT-Bench and lm-eval but no evaluate stage: the report takes its models from them."""
+    import json
+
+    from alignkit import report
+
+    mt = {"judge": {"backend": "reference-f1", "model": None}, "score": "reference_f1_score",
+          "models": {m: {"overall": v, "turn_1": v, "turn_2": v, "categories": {"math": v}}
+                     for m, v in (("base", 1.0), ("sft", 2.0), ("dpo", 3.0))}}
+    (tmp_path / "mt.json").write_text(json.dumps(mt))
+    (tmp_path / "sft.json").write_text(json.dumps({"train_loss": 2.5, "eval_loss": 1.9, "train_steps": 9}))
+    out = tmp_path / "r.md"
+    assert report.main(["--stages", str(tmp_path / "sft.json"), "--mtbench", str(tmp_path / "mt.json"),
+                        "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## Evaluation" not in text and "## Generations" not in text
+    assert "| **overall** | 1.000 | 2.000 | 3.000 |" in text and "| sft | 2.500 | 1.900 | 9 |" in text
+    assert report.main(["--stages", str(tmp_path / "sft.json"), "--out", str(out)]) == 2  # nothing to report
+
+
 def test_content_digests_follow_the_files_even_when_remembered(tmp_path):
     import hashlib
 

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from .stage import run_cli
+from .stage import UsageError, run_cli
 
 ROWS = [
     ("task_agreement", "task agreement (greedy answer == reference)"),
@@ -106,12 +106,13 @@ def alpacaeval_lines(ae: dict) -> list[str]:
 def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: int,
            title: str = "smol pipeline report", intro: str = DEFAULT_INTRO, mtbench: dict | None = None,
            lmeval: dict | None = None, alpacaeval: dict | None = None) -> str:
-    models = list(evaluation)
-    lines = [f"# {title}", "", intro, "",
-             "## Evaluation", "", "| metric | " + " | ".join(models) + " |",
-             "|---|" + "---|" * len(models)]
-    for key, label in ROWS:
-        lines.append(f"| {label} | " + " | ".join(_cell(evaluation[m].get(key)) for m in models) + " |")
+    # a pipeline without the evaluate stage (Zephyr: MT-Bench and lm-eval only) takes its models from those
+    models = list(evaluation) or list((mtbench or {}).get("models", {})) or list((lmeval or {}).get("models", {}))
+    lines = [f"# {title}", "", intro]
+    if evaluation:
+        lines += ["", "## Evaluation", "", "| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for key, label in ROWS:
+            lines.append(f"| {label} | " + " | ".join(_cell(evaluation[m].get(key)) for m in models) + " |")
     if stages:
         lines += ["", "## Training", "", "| stage | train loss | eval loss | steps | held-out reward accuracy | "
                   "held-out reward margin |", "|---|---|---|---|---|---|"]
@@ -130,6 +131,8 @@ def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: 
         lines += lmeval_lines(lmeval, models)
     if alpacaeval:
         lines += alpacaeval_lines(alpacaeval)
+    if not generations:
+        return "\n".join(lines) + "\n"
     # The most instructive examples: where the models disagree with each other.
     changed = [g for g in generations if len({g[m] for m in models}) > 1] or generations
     lines += ["", f"## Generations (first {min(n_examples, len(changed))} held-out prompts where the models differ)",
@@ -142,9 +145,9 @@ def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: 
 
 def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="alignkit report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--evaluate", required=True)
+    p.add_argument("--evaluate", default=None, help="metrics of the evaluate stage (held-out agreement, pairs)")
     p.add_argument("--stages", nargs="*", default=[], help="stage metrics files (metrics/<stage>.json)")
-    p.add_argument("--generations", required=True)
+    p.add_argument("--generations", default=None, help="the evaluate stage's generations.jsonl")
     p.add_argument("--examples", type=int, default=6)
     p.add_argument("--title", default="smol pipeline report")
     p.add_argument("--mtbench", default=None, help="metrics of the mtbench stage")
@@ -153,18 +156,18 @@ def run(argv: list[str]) -> int:
     p.add_argument("--intro", default=DEFAULT_INTRO)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    optional = [x for x in (args.mtbench, args.lmeval, args.alpacaeval) if x]
-    for path in [args.evaluate, args.generations, *args.stages, *optional]:
+    optional = [x for x in (args.evaluate, args.generations, args.mtbench, args.lmeval, args.alpacaeval) if x]
+    if not any((args.evaluate, args.mtbench, args.lmeval)):
+        raise UsageError("nothing to report: give --evaluate, --mtbench or --lmeval")
+    for path in [*args.stages, *optional]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"report input not found: {path}")
-    with open(args.evaluate) as f:
-        evaluation = json.load(f)
+    evaluation = json.load(open(args.evaluate)) if args.evaluate else {}
     stages = {}
     for path in args.stages:
         with open(path) as f:
             stages[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
-    with open(args.generations) as f:
-        generations = [json.loads(line) for line in f if line.strip()]
+    generations = [json.loads(line) for line in open(args.generations) if line.strip()] if args.generations else []
     extra = {key: json.load(open(getattr(args, key))) if getattr(args, key) else None
              for key in ("mtbench", "lmeval", "alpacaeval")}
     text = render(evaluation, stages, generations, args.examples, args.title, args.intro, **extra)
