@@ -27,7 +27,7 @@ help:
 	@echo "make demo-gpt2-nl  - the gpt2-nl CPU twin: Dutch CPT → SFT → DPO (pipelines/gpt2-nl)"
 	@echo "make bench  - time the whole smol pipeline from scratch (bench/smol_pipeline.sh)"
 	@echo "make train-zephyr | train-anima | train-gpt2-nl - the GPU pipelines on this machine's GPUs"
-	@echo "make train-zephyr VARIANT=twin - its CPU twin (SmolLM2, 2 CPU processes per training stage)"
+	@echo "make train-zephyr VARIANT=twin | train-anima VARIANT=twin - their CPU twins (2 CPU processes per stage)"
 	@echo "make docker-build - the CUDA container (Dockerfile); make docker-TARGET runs make TARGET in it"
 
 ifdef ALIGNKIT_BASE_IMAGE
@@ -89,9 +89,21 @@ train-zephyr: $(STAMP)
 	$(RUN) $(BIN)/dvc exp run pipelines/zephyr-7b-beta/dvc.yaml $(ZEPHYR_REAL)
 endif
 
+ANIMA := pipelines/anima-33b/params.yaml
+ANIMA_REAL := -S '$(ANIMA):variant=anima-33b' -S '$(ANIMA):questions=external/belle_eval_set.json' \
+	-S '$(ANIMA):base_model=lyogavin/Anima33B-merged' -S '$(ANIMA):base_dep=recipes/anima-33b/dpo.yaml' \
+	-S '$(ANIMA):max_new_tokens=512' -S '$(ANIMA):lmeval_tasks=leaderboard-v1'
+ifeq ($(VARIANT),twin)
+train-anima: export HF_HUB_OFFLINE := 1
+train-anima: export HF_DATASETS_OFFLINE := 1
+train-anima: export TRANSFORMERS_OFFLINE := 1
+train-anima: $(STAMP)
+	$(RUN) $(BIN)/dvc repro pipelines/anima-33b/dvc.yaml
+else
 train-anima: $(STAMP)
 	$(RUN) $(BIN)/python -m alignkit.launch --preflight recipes/anima-33b/dpo.yaml
-	$(RUN) $(BIN)/dvc repro pipelines/anima-33b/dvc.yaml
+	$(RUN) $(BIN)/dvc exp run pipelines/anima-33b/dvc.yaml $(ANIMA_REAL)
+endif
 
 train-gpt2-nl: $(STAMP)
 	$(RUN) $(BIN)/python -m alignkit.launch --preflight recipes/gpt2-nl/cpt.yaml recipes/gpt2-nl/sft.yaml recipes/gpt2-nl/dpo.yaml

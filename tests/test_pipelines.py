@@ -52,7 +52,7 @@ def test_stage_recipes_exist_and_validate(dvc_file):
 
 
 @pytest.mark.parametrize("builder", ["data/smol/build.py", "data/gpt2-nl/build.py",
-                                     "data/zephyr-7b-beta-twin/build.py"])
+                                     "data/zephyr-7b-beta-twin/build.py", "data/anima-33b-twin/build.py"])
 def test_data_builders_reproduce_committed_files(builder, tmp_path):
     """Each builder, run on a copy of data/ with its own outputs deleted, writes them again byte for byte."""
     import shutil
@@ -61,7 +61,7 @@ def test_data_builders_reproduce_committed_files(builder, tmp_path):
     folder = os.path.dirname(builder)
     written = sorted(os.path.relpath(f, os.path.join(ROOT, folder))
                      for f in glob.glob(os.path.join(ROOT, folder, "**", "*"), recursive=True)
-                     if os.path.isfile(f) and f.endswith((".jsonl", ".md")))
+                     if os.path.isfile(f) and f.endswith((".jsonl", ".json", ".md")))
     assert written
     for f in written:
         os.remove(tmp_path / folder / f)
@@ -148,8 +148,10 @@ def test_anima_pairs_batch_fits_one_80gb_gpu_and_16_is_refused_before_loading():
     from alignkit.stage import UsageError
 
     params = yaml.safe_load(open(os.path.join(ROOT, "pipelines/anima-33b/params.yaml")))
-    anima, gpu = KNOWN[params["base_model"]], GPUS["H100-80GB"][0]
-    tokens = 600 + params["max_new_tokens"]
+    recipe = yaml.safe_load(open(os.path.join(ROOT, "recipes/anima-33b/dpo.yaml")))
+    anima, gpu = KNOWN[recipe["model_name_or_path"]], GPUS["H100-80GB"][0]
+    makefile = open(os.path.join(ROOT, "Makefile")).read()  # the real variant's answer length, set over the twin's
+    tokens = 600 + int(re.search(r"\$\(ANIMA\):max_new_tokens=(\d+)", makefile)[1])
     need = generation_gib(anima, batch=16, tokens=tokens)
     assert 60 < need["weights"] < 61.5 and need["total"] > gpu  # 32.5 B parameters in bf16
     fits = check_generation_fits("anima", anima, batch=params["pairs_batch_size"], tokens=tokens, gpu_gib=gpu)
@@ -191,7 +193,7 @@ def test_inference_names_its_dtype_and_scores_where_it_generates(tmp_path, tiny_
 # and what the hardware forces (no GPU: fp32, no CUDA-paged optimiser). Anything else is a different recipe.
 TWIN_MAY_DIFFER = {
     "model_name_or_path": "model", "output_dir": "location", "metrics_dir": "location", "ref_logps": "location",
-    "global_batch_size": "size", "per_device_train_batch_size": "size", "max_eval_samples": "size",
+    "global_batch_size": "size", "per_device_train_batch_size": "size", "max_eval_samples": "size", "max_steps": "size",
     "requires_gpu": "hardware", "bf16": "hardware", "bnb_4bit_compute_dtype": "hardware", "optim": "hardware",
 }
 
@@ -210,3 +212,14 @@ def test_zephyr_twin_recipes_differ_from_the_real_ones_only_in_model_data_sizes_
             assert r["split"] == t["split"] and t["path"] == "data/zephyr-7b-beta-twin/" + r["path"].split("/")[1]
     assert twin["requires_gpu"] is False and twin["bf16"] is False
     assert twin.get("bnb_4bit_compute_dtype", "float32") == "float32" and twin.get("optim") in (None, "adamw_torch")
+
+
+def test_anima_twin_recipe_differs_from_the_real_one_only_in_model_data_sizes_and_hardware():
+    import yaml
+
+    real = yaml.safe_load(open(os.path.join(ROOT, "recipes/anima-33b/dpo.yaml")))
+    twin = yaml.safe_load(open(os.path.join(ROOT, "recipes/anima-33b-twin/dpo.yaml")))
+    assert real.keys() == twin.keys()
+    assert {k for k in real if real[k] != twin[k]} - set(TWIN_MAY_DIFFER) == {"datasets"}
+    assert twin["datasets"] == [{"path": real["datasets"][0]["path"].replace("anima-33b", "anima-33b-twin")}]
+    assert twin["load_in_4bit"] and twin["use_bnb_nested_quant"] and twin["lora_target_modules"] == "all-linear"
