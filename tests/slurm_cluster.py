@@ -113,3 +113,110 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
                 except subprocess.TimeoutExpired:
                     p.kill()
         self.procs = []
+
+
+class TwoNodeCluster:
+    """Two Slurm nodes on this one machine: network namespaces joined by a veth pair, each with its own address
+    (10.77.0.1, 10.77.0.2 — only inside the namespaces made here), hostname (its own UTS namespace) and slurmd;
+    slurmctld on the first. Name resolution inside the namespaces comes from /etc/netns/<ns>/hosts, which
+    `ip netns exec` mounts over /etc/hosts. One munged (its socket is a file both namespaces see). Stops exactly
+    the processes it started and deletes what it made."""
+
+    NODES = {"node1": "10.77.0.1", "node2": "10.77.0.2"}
+    IFACE = "akslurm0"  # the veth end's name in both namespaces (GLOO_SOCKET_IFNAME for jobs)
+
+    def __init__(self, root: str):
+        ensure_installed()
+        self.root, self.procs, self.made = root, [], []
+        tag = str(os.getpid())
+        self.ns = {node: f"ak{tag}{node[-1]}" for node in self.NODES}
+        self._network(tag)
+        munge_dir = os.path.join(root, "munge")
+        os.makedirs(munge_dir)
+        os.chmod(root, 0o755)
+        subprocess.run(["dd", "if=/dev/urandom", f"of={munge_dir}/munge.key", "bs=1", "count=1024"], check=True,
+                       capture_output=True)
+        subprocess.run(["chown", "-R", "munge:munge", munge_dir], check=True)
+        os.chmod(os.path.join(munge_dir, "munge.key"), 0o400)
+        self.socket = os.path.join(munge_dir, "munge.sock")
+        self.conf = os.path.join(root, "slurm.conf")
+        nodes = "\n".join(f"NodeName={n} NodeAddr={a} CPUs=1 RealMemory=3000 State=UNKNOWN"
+                          for n, a in self.NODES.items())
+        with open(self.conf, "w") as f:
+            f.write(f"""ClusterName=alignkit-two-nodes
+SlurmctldHost=node1({self.NODES['node1']})
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/munge
+AuthInfo=socket={self.socket}
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+SlurmUser=root
+ReturnToService=2
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool-%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd-%n.log
+{nodes}
+PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
+""")
+        self.env = {**os.environ, "SLURM_CONF": self.conf}
+        self._start(["runuser", "-u", "munge", "--", "munged", "-F", f"--socket={self.socket}",
+                     f"--key-file={munge_dir}/munge.key", f"--pid-file={munge_dir}/munged.pid",
+                     f"--log-file={munge_dir}/munged.log", f"--seed-file={munge_dir}/munged.seed"], "munged")
+        self._wait(lambda: os.path.exists(self.socket), "munged socket")
+        self._start(self.on("node1", "slurmctld", "-D", "-i", "-f", self.conf), "slurmctld")
+        for node in self.NODES:
+            self._start(self.on(node, "slurmd", "-D", "-N", node, "-f", self.conf), f"slurmd-{node}")
+        self._wait(self._idle, "both nodes to be idle in sinfo", timeout=90)
+
+    def _network(self, tag: str) -> None:
+        a, b = (self.ns[n] for n in self.NODES)
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            self.made.append(ns)
+            hosts = os.path.join("/etc/netns", ns)
+            os.makedirs(hosts, exist_ok=True)
+            with open(os.path.join(hosts, "hosts"), "w") as f:
+                f.write("127.0.0.1 localhost\n" + "".join(f"{addr} {n}\n" for n, addr in self.NODES.items()))
+        ends = (f"akv{tag}a", f"akv{tag}b")
+        subprocess.run(["ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1]], check=True)
+        for ns, end, addr in zip((a, b), ends, self.NODES.values()):
+            subprocess.run(["ip", "link", "set", end, "netns", ns], check=True)
+            for cmd in (["link", "set", end, "name", self.IFACE], ["addr", "add", f"{addr}/24", "dev", self.IFACE],
+                        ["link", "set", self.IFACE, "up"], ["link", "set", "lo", "up"]):
+                subprocess.run(["ip", "-n", ns, *cmd], check=True)
+
+    def on(self, node: str, *cmd: str) -> list[str]:
+        """`cmd` on `node`: in its network namespace, with its own hostname."""
+        return ["ip", "netns", "exec", self.ns[node], "unshare", "--uts", "sh", "-c",
+                f'hostname {node} && exec "$@"', "sh", *cmd]
+
+    def _start(self, cmd, name):
+        log = open(os.path.join(self.root, f"{name}.stdout"), "w")
+        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env))
+
+    def _idle(self) -> bool:
+        out = self.run(["sinfo", "-h", "-o", "%t %D"]).stdout.split()
+        return out == ["idle", "2"]
+
+    _wait = Cluster._wait
+
+    def run(self, cmd: list[str], **kw):
+        """A client command (sbatch, squeue, scontrol) on node1, where slurmctld listens."""
+        return subprocess.run(self.on("node1", *cmd), capture_output=True, text=True,
+                              env={**self.env, **kw.pop("env", {})}, **kw)
+
+    def stop(self) -> None:
+        Cluster.stop(self)
+        for ns in self.made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(os.path.join("/etc/netns", ns), ignore_errors=True)
+        self.made = []

@@ -142,3 +142,29 @@ def test_text_and_unpaired_kinds(tmp_path):
         normalize_rows("c", [GOOD_CONV], TEXT, drop_invalid=False)
     with pytest.raises(DataError, match="row 1: field 'text': empty text"):
         normalize_rows("t", [{"text": " "}], TEXT, drop_invalid=False)
+
+
+def test_a_local_dataset_repository_resolves_splits_by_name_and_is_read_afresh_after_an_edit(tmp_path):
+    """The CPU twins' data are local dataset repositories with the hub sets' split names (their README's
+    `configs`), loaded through the same `datasets.load_dataset(path, split=...)` a hub name takes. datasets keyed
+    its cache on the paths: after an edit it served the old rows."""
+    import json as _json
+
+    from alignkit.data import load_source_rows
+
+    repo = tmp_path / "ultrachat_200k"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                    "  - split: train_sft\n    path: data/train_sft.jsonl\n---\n")
+
+    def write(n):
+        with open(repo / "data" / "train_sft.jsonl", "w") as f:
+            for i in range(n):
+                f.write(_json.dumps({"prompt": f"q{i}", "prompt_id": str(i), "messages": [
+                    {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}) + "\n")
+
+    write(3)
+    label, rows = load_source_rows({"path": str(repo), "split": "train_sft"})
+    assert label.endswith("ultrachat_200k[train_sft]") and len(rows) == 3 and rows[0]["prompt_id"] == "0"
+    write(5)
+    assert len(load_source_rows({"path": str(repo), "split": "train_sft"})[1]) == 5

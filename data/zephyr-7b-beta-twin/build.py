@@ -73,7 +73,7 @@ def main() -> None:
         if row[1] not in seen:
             seen.add(row[1])
             unique.append(row)
-    test, sft, prefs = unique[:24], unique[24:96], unique[96:]
+    test, sft, prefs = unique[:16], unique[16:56], unique[56:96]
     ultrachat = {
         split: [{"prompt": q, "prompt_id": prompt_id(q), "messages": conversation(q, smol.answer(a))}
                 for _, q, a in items]

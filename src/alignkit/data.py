@@ -151,12 +151,16 @@ def load_source_rows(spec) -> tuple[str, list]:
 
     import datasets
 
+    # Local data is read afresh every time: datasets keys its cache of a local file or dataset directory on the
+    # paths, not the contents, so an edited file was served from the cache as it was before.
+    # (and the split sizes it recorded then are no check on the files now)
+    fresh = {"download_mode": "force_redownload", "verification_mode": "no_checks"} if os.path.exists(path) else {}
     if os.path.isfile(path):
-        ds = datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=path, split="train")
+        ds = datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=path, split="train", **fresh)
         label = path
     else:  # a local dataset directory or a hub id
         kwargs = {k: spec[k] for k in ("name", "data_files", "data_dir", "revision") if spec.get(k) is not None}
-        ds = datasets.load_dataset(path, split=split, **kwargs)
+        ds = datasets.load_dataset(path, split=split, **kwargs, **fresh)
         label = f"{path}[{split}]"
     return label, ds.to_list()
 
