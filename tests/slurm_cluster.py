@@ -28,6 +28,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_conf(path: str, root: str, *, name: str, controller: str, nodes: str, partition: str, socket: str,
+               per_node: str = "") -> None:
+    """slurm.conf with private state, sockets, pid and log files under `root`; `per_node` ("-%n") keeps the slurmd
+    files of several nodes on one machine apart."""
+    with open(path, "w") as f:
+        f.write(f"""ClusterName={name}
+SlurmctldHost={controller}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/munge
+AuthInfo=socket={socket}
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+SlurmUser=root
+ReturnToService=2
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool{per_node}
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd{per_node}.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd{per_node}.log
+{nodes}
+PartitionName=debug Nodes={partition} Default=YES MaxTime=INFINITE State=UP
+""")
+
+
 class Cluster:
     def __init__(self, root: str):
         ensure_installed()
@@ -46,31 +77,8 @@ class Cluster:
         os.chmod(os.path.join(munge_dir, "munge.key"), 0o400)
         self.socket = os.path.join(munge_dir, "munge.sock")
         self.conf = os.path.join(root, "slurm.conf")
-        with open(self.conf, "w") as f:
-            f.write(f"""ClusterName=alignkit-test
-SlurmctldHost={host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
-AuthType=auth/munge
-AuthInfo=socket={self.socket}
-CredType=cred/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-SlurmUser=root
-ReturnToService=2
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
-SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
-{node} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-""")
+        write_conf(self.conf, root, name="alignkit-test", controller=host, nodes=f"{node} State=UNKNOWN",
+                   partition=host, socket=self.socket)
         self.env = {**os.environ, "SLURM_CONF": self.conf}
         self._start(["runuser", "-u", "munge", "--", "munged", "-F", f"--socket={self.socket}",
                      f"--key-file={munge_dir}/munge.key", f"--pid-file={munge_dir}/munged.pid",
@@ -142,31 +150,8 @@ class TwoNodeCluster:
         self.conf = os.path.join(root, "slurm.conf")
         nodes = "\n".join(f"NodeName={n} NodeAddr={a} CPUs=1 RealMemory=3000 State=UNKNOWN"
                           for n, a in self.NODES.items())
-        with open(self.conf, "w") as f:
-            f.write(f"""ClusterName=alignkit-two-nodes
-SlurmctldHost=node1({self.NODES['node1']})
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
-AuthType=auth/munge
-AuthInfo=socket={self.socket}
-CredType=cred/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-SlurmUser=root
-ReturnToService=2
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool-%n
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd-%n.pid
-SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd-%n.log
-{nodes}
-PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
-""")
+        write_conf(self.conf, root, name="alignkit-two-nodes", controller=f"node1({self.NODES['node1']})",
+                   nodes=nodes, partition="node1,node2", socket=self.socket, per_node="-%n")
         self.env = {**os.environ, "SLURM_CONF": self.conf}
         self._start(["runuser", "-u", "munge", "--", "munged", "-F", f"--socket={self.socket}",
                      f"--key-file={munge_dir}/munge.key", f"--pid-file={munge_dir}/munged.pid",
