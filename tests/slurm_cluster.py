@@ -148,8 +148,14 @@ class TwoNodeCluster:
         os.chmod(os.path.join(munge_dir, "munge.key"), 0o400)
         self.socket = os.path.join(munge_dir, "munge.sock")
         self.conf = os.path.join(root, "slurm.conf")
-        nodes = "\n".join(f"NodeName={n} NodeAddr={a} CPUs=1 RealMemory=3000 State=UNKNOWN"
+        # each node declares this machine's CPU topology (slurmd refuses a node that differs from its hardware)
+        hw = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+        topology = " ".join(f for f in hw.split() if f.split("=")[0] in
+                            ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore"))
+        nodes = "\n".join(f"NodeName={n} NodeAddr={a} {topology} RealMemory=4000 State=UNKNOWN"
                           for n, a in self.NODES.items())
+        for n in self.NODES:
+            os.makedirs(os.path.join(root, f"spool-{n}"))
         write_conf(self.conf, root, name="alignkit-two-nodes", controller=f"node1({self.NODES['node1']})",
                    nodes=nodes, partition="node1,node2", socket=self.socket, per_node="-%n")
         self.env = {**os.environ, "SLURM_CONF": self.conf}
@@ -180,9 +186,11 @@ class TwoNodeCluster:
                 subprocess.run(["ip", "-n", ns, *cmd], check=True)
 
     def on(self, node: str, *cmd: str) -> list[str]:
-        """`cmd` on `node`: in its network namespace, with its own hostname."""
-        return ["ip", "netns", "exec", self.ns[node], "unshare", "--uts", "sh", "-c",
-                f'hostname {node} && exec "$@"', "sh", *cmd]
+        """`cmd` on `node`: in its network namespace, with its own hostname and /etc/hosts. (Not `ip netns exec`:
+        it remounts /sys for the namespace, hiding /sys/fs/cgroup, and slurmd then fails to start.)"""
+        hosts = os.path.join("/etc/netns", self.ns[node], "hosts")
+        return ["nsenter", f"--net=/run/netns/{self.ns[node]}", "unshare", "--uts", "--mount", "sh", "-c",
+                f'mount --bind {hosts} /etc/hosts && hostname {node} && exec "$@"', "sh", *cmd]
 
     def _start(self, cmd, name):
         log = open(os.path.join(self.root, f"{name}.stdout"), "w")
