@@ -38,7 +38,7 @@ def test_sbatch_dpo_runs_the_stage_and_completes(cluster, tmp_path, tiny_model, 
                                      # one process on this node (auto would pick the 2-process CPU twin ddp-cpu.yaml)
                                      "ACCELERATE_CONFIG": "recipes/accelerate/ddp.yaml"}, timeout=600)
     job_id = job.stdout.strip().split(";")[0]
-    log = (tmp_path / f"job-{job_id}.out").read_text() if job_id else ""
+    log = (tmp_path / f"job-{job_id}.out").read_text(errors="replace") if job_id else ""
     assert job.returncode == 0, job.stderr + log
     assert f"alignkit dpo: job {job_id} on 1 node(s)" in log and "rendezvous" in log
     metrics = json.load(open(out / "metrics.json"))
