@@ -93,9 +93,11 @@ def test_docker_run_keeps_pipeline_state_and_writes_as_the_host_user():
     build/ persist between runs), the host's HF cache where the image's HF_HOME is, run as the host user."""
     import subprocess
 
-    env = {**os.environ, "HF_HOME": "/data/hf"}
-    done = subprocess.run(["make", "-n", "docker-train-zephyr"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60)
+    # not a sub-make of `make test`: its MAKELEVEL would add "Entering directory" lines
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},
+           "HF_HOME": "/data/hf"}
+    done = subprocess.run(["make", "--no-print-directory", "-n", "docker-train-zephyr"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     mkdir, run = done.stdout.strip().splitlines()
     steps = instructions()
