@@ -76,7 +76,7 @@ ZEPHYR := pipelines/zephyr-7b-beta/params.yaml
 ZEPHYR_REAL := -S '$(ZEPHYR):variant=zephyr-7b-beta' -S '$(ZEPHYR):base_model=mistralai/Mistral-7B-v0.1' \
 	-S '$(ZEPHYR):base_dep=recipes/zephyr-7b-beta/sft.yaml' -S '$(ZEPHYR):mtbench.select=""' \
 	-S '$(ZEPHYR):mtbench.judge=openai' -S '$(ZEPHYR):mtbench.max_new_tokens=1024' \
-	-S '$(ZEPHYR):lmeval_tasks=leaderboard-v1'
+	-S '$(ZEPHYR):lmeval_tasks=leaderboard-v1' -S '$(ZEPHYR):lmeval_select=""'
 ifeq ($(VARIANT),twin)
 train-zephyr: export HF_HUB_OFFLINE := 1
 train-zephyr: export HF_DATASETS_OFFLINE := 1
@@ -92,7 +92,7 @@ endif
 ANIMA := pipelines/anima-33b/params.yaml
 ANIMA_REAL := -S '$(ANIMA):variant=anima-33b' -S '$(ANIMA):questions=external/belle_eval_set.json' \
 	-S '$(ANIMA):base_model=lyogavin/Anima33B-merged' -S '$(ANIMA):base_dep=recipes/anima-33b/dpo.yaml' \
-	-S '$(ANIMA):max_new_tokens=512' -S '$(ANIMA):lmeval_tasks=leaderboard-v1'
+	-S '$(ANIMA):max_new_tokens=512' -S '$(ANIMA):lmeval_tasks=leaderboard-v1' -S '$(ANIMA):lmeval_select=""'
 ifeq ($(VARIANT),twin)
 train-anima: export HF_HUB_OFFLINE := 1
 train-anima: export HF_DATASETS_OFFLINE := 1
@@ -129,11 +129,16 @@ docker-%:
 	mkdir -p "$(HF_CACHE)"
 	$(DOCKER_RUN) $*
 
+# Two pytest workers, each test file on one of them (its module fixtures — a Slurm cluster, a trained twin — built
+# once): in one process half of 2 cores idled (imports, single-threaded tiny-model steps). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	$(RUN) $(BIN)/python -m pytest -q
+	$(RUN) $(PYTEST)
 
 test-fast: $(STAMP)
-	$(RUN) $(BIN)/python -m pytest -q -m "not integration"
+	$(RUN) $(PYTEST) -m "not integration"
 
 bench: $(STAMP)
 	$(RUN) bash bench/smol_pipeline.sh

@@ -18,6 +18,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (make test: 2 workers) each worker's multi-process runs rendezvous on ports of their own:
+# `alignkit launch` defaults to MASTER_PORT (else 29500), which two workers' launches would otherwise share.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    os.environ["MASTER_PORT"] = str(29500 + 100 * (1 + int(os.environ["PYTEST_XDIST_WORKER"][2:])))
+
+# The longest files first, so the two workers finish together (longest-processing-time-first scheduling; with
+# --dist loadfile a file is one unit of work, handed out in collection order).
+LONGEST_FIRST = ("test_twins.py", "test_distributed.py", "test_slurm_two_nodes.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, the order pytest collected
 
 CORPUS = [
     "The capital of France is Paris. The capital of Japan is Tokyo.",

@@ -31,14 +31,15 @@ def _free_port() -> int:
 def write_conf(path: str, root: str, *, name: str, controller: str, nodes: str, partition: str, socket: str,
                per_node: str = "") -> None:
     """slurm.conf with private state, sockets, pid and log files under `root`; `per_node` ("-%n") keeps the slurmd
-    files of several nodes on one machine apart."""
+    files of several nodes on one machine apart. cred_expire: a requeued job waits that long before it may start
+    again (slurm.conf(5); default 120 s) — 10 s is ample for steps that start in well under a second here."""
     with open(path, "w") as f:
         f.write(f"""ClusterName={name}
 SlurmctldHost={controller}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
-AuthInfo=socket={socket}
+AuthInfo=socket={socket},cred_expire=10
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

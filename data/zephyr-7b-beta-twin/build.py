@@ -73,7 +73,7 @@ def main() -> None:
         if row[1] not in seen:
             seen.add(row[1])
             unique.append(row)
-    test, sft, prefs = unique[:16], unique[16:56], unique[56:96]
+    test, sft, prefs = unique[:8], unique[8:24], unique[24:40]  # 2 optimiser steps of global batch 8 per epoch
     ultrachat = {
         split: [{"prompt": q, "prompt_id": prompt_id(q), "messages": conversation(q, smol.answer(a))}
                 for _, q, a in items]
