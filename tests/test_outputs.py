@@ -30,6 +30,31 @@ def test_atomic_output_replaces_previous_result(tmp_path):
     assert (final / "weights").read_text() == "new" and os.listdir(tmp_path) == ["model"]
 
 
+def test_a_rerun_removes_what_a_killed_stage_left_and_keeps_a_live_writers(tmp_path, tiny_model):
+    """kill -9 mid-save leaves the stage's temporary sibling (no `except` runs); the stage's rerun removes it. A
+    temporary of a process still running, or of another host, is not touched."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "base"
+    crash = ("import os, signal, sys\nfrom alignkit.models import atomic_output\n"
+             "with atomic_output(sys.argv[1]) as tmp:\n"
+             "    open(os.path.join(tmp, 'model.safetensors'), 'wb').write(b'half')\n"
+             "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", crash, str(out)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    left = [e for e in os.listdir(tmp_path) if e.startswith(".base.tmp-")]
+    assert len(left) == 1  # what the issue saw: the kill's leftovers
+    live = tmp_path / f".base.tmp-{__import__('socket').gethostname()}-{os.getpid()}-abcdefgh"
+    elsewhere = tmp_path / ".base.tmp-othernode-12345-abcdefgh"
+    live.mkdir(), elsewhere.mkdir()
+    rerun = subprocess.run([sys.executable, "-m", "alignkit.base_model", "--source", tiny_model, "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == sorted(["base", live.name, elsewhere.name]), os.listdir(tmp_path)
+
+
 def test_build_pairs_drops_answers_that_agree_with_the_reference():
     convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
              for q, a in (("Capital of France?", "Paris."), ("2+2?", "4."), ("Hot?", "Cold."))]

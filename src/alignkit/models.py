@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 
 logger = logging.getLogger(__name__)
@@ -193,6 +194,47 @@ def _drop_gguf_quantizer(model) -> None:
     model.is_quantized = False
 
 
+def _temporary_prefix(name: str, kind: str) -> str:
+    # host and pid in the name, so a rerun can tell a dead run's leftovers from a live writer's
+    return f".{name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_temporaries(parent: str, name: str) -> list[str]:
+    """Remove the `.<name>.tmp-*` / `.<name>.old-*` siblings that killed runs of this output left behind (for a
+    merged 7B model, gigabytes per kill): those of a process on this host that is gone, the shared one of a
+    multi-process save, and unnamed ones from before writers named themselves. Returns what was removed."""
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    host = socket.gethostname()
+    for entry in os.listdir(parent):
+        for kind in ("tmp", "old"):
+            prefix = f".{name}.{kind}-"
+            if not entry.startswith(prefix):
+                continue
+            rest = entry[len(prefix):]
+            parts = rest.rsplit("-", 2)
+            if len(parts) == 3 and parts[1].isdigit():
+                if parts[0] != host or _alive(int(parts[1])):
+                    continue  # another host's, or a live writer's
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        logger.info("removed %d temporary director%s a killed run left beside %s: %s", len(removed),
+                    "y" if len(removed) == 1 else "ies", name, ", ".join(sorted(removed)))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output(final_dir: str, *, main: bool = True, barrier=None):
     """Yield a temporary sibling directory; rename it to `final_dir` only if the block finishes.
@@ -204,9 +246,11 @@ def atomic_output(final_dir: str, *, main: bool = True, barrier=None):
     """
     final_dir = os.path.abspath(final_dir)
     parent, name = os.path.split(final_dir)
+    if main:
+        remove_stale_temporaries(parent, name)
     if barrier is None:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=_temporary_prefix(name, "tmp"), dir=parent)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     else:
         tmp = os.path.join(parent, f".{name}.tmp-shared")
@@ -225,7 +269,7 @@ def atomic_output(final_dir: str, *, main: bool = True, barrier=None):
     if main:
         old = None
         if os.path.exists(final_dir):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=_temporary_prefix(name, "old"), dir=parent)
             os.rename(final_dir, os.path.join(old, name))
         os.rename(tmp, final_dir)
         if old:
