@@ -7,7 +7,7 @@ STAMP := $(VENV)/.alignkit-installed
 # The CPU targets need no network at run time (models and data come from installed packages and the repo): they
 # run offline, so nothing waits on a network that is not there. The GPU targets (train-*, also in the container)
 # download Mistral-7B, UltraChat and friends from the hub: they keep it reachable.
-CPU_TARGETS := demo demo-rs demo-gpt2-nl sweep test test-fast bench
+CPU_TARGETS := demo demo-rs demo-gpt2-nl sweep test test-fast bench verify
 $(CPU_TARGETS): export HF_HUB_OFFLINE := 1
 $(CPU_TARGETS): export HF_DATASETS_OFFLINE := 1
 $(CPU_TARGETS): export TRANSFORMERS_OFFLINE := 1
@@ -18,11 +18,12 @@ export DS_BUILD_OPS ?= 0
 # Stage commands in dvc.yaml call `python`: the venv's, whether or not it is activated.
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 
-.PHONY: demo demo-rs demo-gpt2-nl sweep test test-fast venv lock bench clean help train-zephyr train-anima train-gpt2-nl docker-build container-env
+.PHONY: demo demo-rs demo-gpt2-nl sweep test test-fast verify venv lock bench clean help train-zephyr train-anima train-gpt2-nl docker-build container-env
 
 help:
 	@echo "make demo   - create .venv, materialise SmolLM2, run the smol pipeline (dvc repro), print results"
 	@echo "make test   - create or reuse .venv and run the test suite"
+	@echo "make verify - after make demo (or any dvc repro): did this machine reproduce the committed results?"
 	@echo "make demo-rs       - the smol pipeline's rejection-sampling variant (pipelines/smol-rs)"
 	@echo "make demo-gpt2-nl  - the gpt2-nl CPU twin: Dutch CPT → SFT → DPO (pipelines/gpt2-nl)"
 	@echo "make bench  - time the whole smol pipeline from scratch (bench/smol_pipeline.sh)"
@@ -58,6 +59,11 @@ demo: $(STAMP)
 	@echo "report:  reports/smol.md"
 	@echo "metrics: metrics/{sft,dpo,evaluate,mtbench,lmeval,alpacaeval}.json   ($(BIN)/dvc metrics show)"
 	@echo "plots:   metrics/{sft,dpo}_log.csv         ($(BIN)/dvc plots show)"
+	@echo "check:   make verify   (the committed numbers, reproduced on this machine?)"
+
+# Compares the working tree's dvc.lock files, metrics/ and reports/ with HEAD; lists each difference and its size.
+verify: $(STAMP)
+	$(RUN) $(BIN)/python -m alignkit.verify
 
 demo-rs: $(STAMP)
 	$(RUN) $(BIN)/dvc repro pipelines/smol-rs/dvc.yaml
@@ -130,9 +136,10 @@ docker-%:
 	$(DOCKER_RUN) $*
 
 # Two pytest workers, each test file on one of them (its module fixtures — a Slurm cluster, a trained twin — built
-# once): in one process half of 2 cores idled (imports, single-threaded tiny-model steps). TEST_WORKERS=0: serial.
+# once; files in collection order, which tests/conftest.py sorts longest first): in one process half of 2 cores
+# idled (imports, single-threaded tiny-model steps). TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: $(STAMP)
 	$(RUN) $(PYTEST)

@@ -24,7 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
     os.environ["MASTER_PORT"] = str(29500 + 100 * (1 + int(os.environ["PYTEST_XDIST_WORKER"][2:])))
 
 # The longest files first, so the two workers finish together (longest-processing-time-first scheduling; with
-# --dist loadfile a file is one unit of work, handed out in collection order).
+# --dist loadfile --no-loadscope-reorder a file is one unit of work, handed out in collection order).
 LONGEST_FIRST = ("test_twins.py", "test_distributed.py", "test_slurm_two_nodes.py", "test_reliability.py")
 
 

@@ -39,7 +39,10 @@ def imports_of(module: str) -> set[str]:
 
 
 def closure(modules: set[str]) -> set[str]:
-    seen, todo = set(), list(modules)
+    """`modules` and everything they import; with the package's __init__ (it runs before any of them)."""
+    if not modules:
+        return set()
+    seen, todo = set(), [*modules, "__init__"]
     while todo:
         m = todo.pop()
         if m not in seen:

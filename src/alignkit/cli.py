@@ -22,6 +22,7 @@ TOOLS = {
     "launch": "alignkit.launch",
     "plan": "alignkit.plan",
     "report": "alignkit.report",
+    "verify": "alignkit.verify",
 }
 
 USAGE = f"""usage: alignkit <command> [args]

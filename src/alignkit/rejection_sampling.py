@@ -182,12 +182,14 @@ def run(argv: list[str]) -> int:
     write_manifest(args.out, manifest("rejection_sampling", inputs={
         "policy": args.policy, "reward_model": args.reward_model, "prompts": args.prompts},
         config={k: v for k, v in vars(args).items() if k != "metrics"}, seed=args.seed))
-    run_stats = {**stats, **gen_stats}  # + this run's shards resumed/sampled and tokens/s
+    # The metrics are what a rerun reproduces (DVC hashes them); this run's tokens, speed and resumed shards
+    # depend on the machine and on what was killed before, so they go to the log only.
+    metrics = stats
     if args.metrics:
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)
         with open(args.metrics, "w") as f:
-            json.dump(run_stats, f, indent=2, sort_keys=True)
-    print(json.dumps(run_stats))
+            json.dump(metrics, f, indent=2, sort_keys=True)
+    print(json.dumps({**metrics, **gen_stats}))
     return 0
 
 

@@ -179,9 +179,10 @@ def redact(config: dict) -> dict:
     return {k: ("<redacted>" if any(w in k.lower() for w in SECRET_WORDS) and v else v) for k, v in config.items()}
 
 
-def sha256_path(path: str) -> str | None:
-    """sha256 of a file, or of a directory (over its files' relative paths and contents); None if absent."""
-    files = _files(path)
+def sha256_path(path: str, suffix: str = "") -> str | None:
+    """sha256 of a file, or of a directory (over its files' relative paths and contents; only names ending in
+    `suffix`); None if absent."""
+    files = [f for f in _files(path) if f.endswith(suffix)]
     if not files:
         return None
     h = hashlib.sha256()
@@ -244,21 +245,55 @@ def tokenizer_hashes(tokenizer) -> dict:
     }
 
 
+def portable_path(path: str) -> str:
+    """How a manifest names an input, the same on every machine: a path inside the working directory (the
+    repository, for DVC stages) relative to it; a file of an installed distribution as 'dist==version:path in
+    the distribution'; anything else (a hub name, a path the user chose) as given."""
+    if not os.path.exists(path):
+        return path
+    real, here = os.path.realpath(path), os.path.realpath(os.getcwd())
+    if real == here or real.startswith(here + os.sep):
+        return os.path.relpath(real, here)
+    from importlib import metadata
+
+    for site in sorted({os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}, key=len, reverse=True):
+        if real.startswith(site + os.sep):
+            inside = os.path.relpath(real, site)
+            top = inside.split(os.sep)[0]
+            dists = metadata.packages_distributions().get(top, [])
+            if dists:
+                return f"{dists[0]}=={metadata.version(dists[0])}:{inside}"
+    return path
+
+
+def code_sha256() -> str:
+    """sha256 of alignkit's own source files: which code produced an output, without naming a commit (the commit
+    that records a DVC lock is made after the outputs it hashes)."""
+    return sha256_path(os.path.dirname(os.path.abspath(__file__)), suffix=".py")
+
+
 def manifest(stage: str, *, inputs: dict[str, str], config: dict | None = None, seed: int | None = None,
              world_size: int = 1, tokenizer=None, judge: dict | None = None) -> dict:
-    """What produced an output: code, environment, inputs (sha256), configuration. No secrets, no timestamps."""
+    """What produced an output: code, environment, inputs (sha256), configuration — the same on every machine
+    that reproduces it. No secrets, timestamps, hosts or absolute paths (the git commit goes to the log)."""
+    from .numerics import in_effect
+
     lock = "requirements/cpu.lock"
+    git = git_state()
+    logger.info("%s: git %s%s", stage, git["sha"], " (uncommitted changes)" if git["dirty"] else "")
     data = {
         "stage": stage,
-        "git": git_state(),
+        "code_sha256": code_sha256(),
         "lock_sha256": sha256_path(lock) if os.path.isfile(lock) else None,
-        "inputs": {name: {"path": path, "sha256": sha256_path(path)} if _files(path) else {"path": path, "hub": True}
-                   for name, path in sorted(inputs.items()) if path},
+        "inputs": {name: {"path": portable_path(path), "sha256": sha256_path(path)} if _files(path)
+                   else {"path": path, "hub": True} for name, path in sorted(inputs.items()) if path},
         "seed": seed,
         "world_size": world_size,
         "libraries": library_versions(),
-        "container": {"base_image": os.environ.get("ALIGNKIT_BASE_IMAGE"),
-                      "inside": os.path.exists("/.dockerenv")} if os.path.exists("/.dockerenv") else None,
+        "numerics": in_effect(),
+        # only inside alignkit's own image (its Dockerfile sets ALIGNKIT_BASE_IMAGE), not in any container
+        "container": {"base_image": os.environ["ALIGNKIT_BASE_IMAGE"]} if os.environ.get("ALIGNKIT_BASE_IMAGE")
+        else None,
     }
     if tokenizer is not None:
         data.update(tokenizer_hashes(tokenizer))
