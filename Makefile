@@ -7,7 +7,7 @@ STAMP := $(VENV)/.alignkit-installed
 # The CPU targets need no network at run time (models and data come from installed packages and the repo): they
 # run offline, so nothing waits on a network that is not there. The GPU targets (train-*, also in the container)
 # download Mistral-7B, UltraChat and friends from the hub: they keep it reachable.
-CPU_TARGETS := demo demo-rs demo-gpt2-nl sweep test test-fast bench verify
+CPU_TARGETS := demo demo-rs demo-gpt2-nl sweep test test-fast lint bench verify
 $(CPU_TARGETS): export HF_HUB_OFFLINE := 1
 $(CPU_TARGETS): export HF_DATASETS_OFFLINE := 1
 $(CPU_TARGETS): export TRANSFORMERS_OFFLINE := 1
@@ -18,7 +18,7 @@ export DS_BUILD_OPS ?= 0
 # Stage commands in dvc.yaml call `python`: the venv's, whether or not it is activated.
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 
-.PHONY: demo demo-rs demo-gpt2-nl sweep test test-fast verify venv lock bench clean help train-zephyr train-anima train-gpt2-nl docker-build container-env
+.PHONY: demo demo-rs demo-gpt2-nl sweep test test-fast lint verify venv lock bench clean help train-zephyr train-anima train-gpt2-nl docker-build container-env
 
 help:
 	@echo "make demo   - create .venv, materialise SmolLM2, run the smol pipeline (dvc repro), print results"
@@ -63,7 +63,7 @@ demo: $(STAMP)
 
 # Compares the working tree's dvc.lock files, metrics/ and reports/ with HEAD; lists each difference and its size.
 verify: $(STAMP)
-	$(RUN) $(BIN)/python -m alignkit.verify
+	$(RUN) $(BIN)/alignkit verify
 
 demo-rs: $(STAMP)
 	$(RUN) $(BIN)/dvc repro pipelines/smol-rs/dvc.yaml
@@ -91,7 +91,7 @@ train-zephyr: $(STAMP)
 	$(RUN) $(BIN)/dvc repro pipelines/zephyr-7b-beta/dvc.yaml
 else
 train-zephyr: $(STAMP)
-	$(RUN) $(BIN)/python -m alignkit.launch --preflight recipes/zephyr-7b-beta/sft.yaml recipes/zephyr-7b-beta/dpo.yaml
+	$(RUN) $(BIN)/alignkit launch --preflight recipes/zephyr-7b-beta/sft.yaml recipes/zephyr-7b-beta/dpo.yaml
 	$(RUN) $(BIN)/dvc exp run pipelines/zephyr-7b-beta/dvc.yaml $(ZEPHYR_REAL)
 endif
 
@@ -107,12 +107,12 @@ train-anima: $(STAMP)
 	$(RUN) $(BIN)/dvc repro pipelines/anima-33b/dvc.yaml
 else
 train-anima: $(STAMP)
-	$(RUN) $(BIN)/python -m alignkit.launch --preflight recipes/anima-33b/dpo.yaml
+	$(RUN) $(BIN)/alignkit launch --preflight recipes/anima-33b/dpo.yaml
 	$(RUN) $(BIN)/dvc exp run pipelines/anima-33b/dvc.yaml $(ANIMA_REAL)
 endif
 
 train-gpt2-nl: $(STAMP)
-	$(RUN) $(BIN)/python -m alignkit.launch --preflight recipes/gpt2-nl/cpt.yaml recipes/gpt2-nl/sft.yaml recipes/gpt2-nl/dpo.yaml
+	$(RUN) $(BIN)/alignkit launch --preflight recipes/gpt2-nl/cpt.yaml recipes/gpt2-nl/sft.yaml recipes/gpt2-nl/dpo.yaml
 	$(RUN) $(BIN)/dvc exp run pipelines/gpt2-nl/dvc.yaml -S 'pipelines/gpt2-nl/params.yaml:variant=gpt2-nl' \
 	  -S 'pipelines/gpt2-nl/params.yaml:base=build/models/gpt2-nl/cpt' -S 'pipelines/gpt2-nl/params.yaml:chat_template=zephyr'
 
@@ -141,10 +141,14 @@ docker-%:
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
-test: $(STAMP)
+# The linter first: a style or import-order slip fails in a second, not after the suite.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+test: lint
 	$(RUN) $(PYTEST)
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(RUN) $(PYTEST) -m "not integration"
 
 bench: $(STAMP)

@@ -74,8 +74,8 @@ def random_4bit_model(config, device: str):
                 q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
                                              quant_type="nf4").to(device)
                 setattr(parent, name, q)
-    for module in (model.model.embed_tokens, model.lm_head, model.model.norm,
-                   *[n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]):
+    norms = [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    for module in (model.model.embed_tokens, model.lm_head, model.model.norm, *norms):
         for pname, p in list(module.named_parameters(recurse=False)):
             data = (torch.ones_like(p, device=device) if "norm" in type(module).__name__.lower()
                     else torch.randn(p.shape, dtype=torch.bfloat16, device=device) * std)

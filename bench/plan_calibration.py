@@ -46,7 +46,7 @@ def measure(stage: str, ckpt: bool, batch: int) -> dict:
     import trl  # noqa: F401
 
     process = rss_gib()
-    from alignkit.stage import import_object, load_inputs, make_trainer
+    from alignkit.train.stage import import_object, load_inputs, make_trainer
 
     spec = importlib.import_module(f"alignkit.{stage}").SPEC
     recipe = spec.parse(recipe_args(stage, ckpt, batch))
@@ -73,7 +73,8 @@ def measure(stage: str, ckpt: bool, batch: int) -> dict:
 def predict(case: dict) -> dict:
     import importlib
 
-    from alignkit.plan import architecture, estimate
+    from alignkit.architecture import architecture
+    from alignkit.launch.plan import estimate
 
     spec = importlib.import_module(f"alignkit.{case['stage']}").SPEC
     recipe = spec.parse(recipe_args(case["stage"], case["gradient_checkpointing"], case["batch"]), for_check=True)
@@ -108,9 +109,9 @@ def main() -> None:
     process = sum(r["process_gib"] for r in results) / len(results)
     text = "\n".join([
         "# alignkit plan vs measured memory (CPU, SmolLM2-135M + LoRA, fp32)", "",
-        "Peak RSS over 3 training steps, sampled every 5 ms; predicted = `estimate(device=\"cpu\")` for the same recipe, "
-        "batch and widest padded batch (DPO: chosen and rejected rows both). plan.py's CPU coefficients were fitted on "
-        "the `fit` rows; the `held-out` rows were not used.", "", *rows, "",
+        "Peak RSS over 3 training steps, sampled every 5 ms; predicted = `estimate(device=\"cpu\")` for the same "
+        "recipe, batch and widest padded batch (DPO: chosen and rejected rows both). plan.py's CPU coefficients were "
+        "fitted on the `fit` rows; the `held-out` rows were not used.", "", *rows, "",
         f"mean absolute error: fit {mae['fit']:.0%}, held-out {mae['held-out']:.0%}; the process itself (imports "
         f"only) measured {process:.2f} GiB. Before calibration (the GPU coefficients applied to fp32) the error was "
         "-32% to -55%.", ""])

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
-stages=(base_model data sft ref_logps dpo evaluate mtbench lmeval alpacaeval report)
+stages=(base_model pairs sft ref_logps dpo evaluate mtbench lmeval alpacaeval report)
 out=bench/results/smol_pipeline.json
 mkdir -p bench/results
 json="{\"machine\": {\"cpus\": $(nproc), \"cpu\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\", \"memory_gb\": $(free -g | awk '/Mem:/{print $2}')}, \"stages\": {"

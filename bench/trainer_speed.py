@@ -46,7 +46,7 @@ def build(stage: str, variant: str, steps: int | None):
     """The stage's trainer for the smol recipe; `steps` None = the recipe's own length (one epoch)."""
     import importlib
 
-    from alignkit.stage import import_object, load_inputs, make_trainer
+    from alignkit.train.stage import import_object, load_inputs, make_trainer
 
     module = importlib.import_module(f"alignkit.{stage}")
     spec = module.SPEC
@@ -82,7 +82,8 @@ def table(results_dir: str) -> str:
     import platform
 
     rows = ["| stage | variant | grad. ckpt | precomputed ref | freed memory kept | batches | padding | s/step | "
-            "tokens/s | peak RSS GiB | utilisation of fp32 matmul peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "tokens/s | peak RSS GiB | utilisation of fp32 matmul peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for stage in sorted(RECIPES):
         r = {v: json.load(open(os.path.join(results_dir, f"speed_{stage}_{v}.json"))) for v in ("stock", "alignkit")}
@@ -117,7 +118,7 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
-    from alignkit.stage import padding_fraction
+    from alignkit.train.batches import padding_fraction
 
     peak = matmul_peak_gflops()
     recipe, trainer, model = build(args.stage, args.variant, args.steps)
@@ -151,7 +152,7 @@ def main() -> None:
         "padding_fraction": round(padding_fraction(trainer), 4),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "precompute_ref_log_probs": bool(getattr(trainer.args, "precompute_ref_log_probs", False)),
-        "keeps_freed_memory": recipe.extras.cpu_keep_freed_memory,
+        "keeps_freed_memory": recipe.alignkit.cpu_keep_freed_memory,
         "global_batch": examples, "tokens_per_step": round(tokens, 1),
         "seconds_per_step": round(per_step, 3), "tokens_per_second": round(tokens / per_step, 1),
         "train_seconds_total": round(total, 2),

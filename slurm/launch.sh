@@ -21,7 +21,7 @@ echo "alignkit $STAGE: job $SLURM_JOB_ID on $SLURM_NNODES node(s) [$SLURM_JOB_NO
 # data loader worker and tokenizer thread of the node shares it.
 srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 \
   --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" bash -c \
-  'exec "$0" -m alignkit.launch "$1" --config "$2" --accelerate_config "$3" --num_machines "$SLURM_NNODES" \
+  'exec "$0" -m alignkit launch "$1" --config "$2" --accelerate_config "$3" --num_machines "$SLURM_NNODES" \
      --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" "${@:4}"' \
   "$PY" "$STAGE" "$RECIPE" "$ACCEL" "$@" &
 STEP=$!
@@ -39,7 +39,7 @@ on_usr1() {
 trap on_usr1 USR1
 status=0
 wait "$STEP" || status=$?
-# 75: the stage saved a checkpoint after SIGTERM/SIGUSR1 (alignkit.reliability.REQUEUE_EXIT) — run it again.
+# 75: the stage saved a checkpoint after SIGTERM/SIGUSR1 (alignkit.errors.REQUEUE_EXIT) — run it again.
 if [ "$status" -eq 75 ]; then
   echo "alignkit $STAGE: checkpointed after a signal; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"

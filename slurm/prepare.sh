@@ -15,4 +15,4 @@ STAGE=${1:?usage: sbatch slurm/prepare.sh STAGE RECIPE [--key value ...]}
 RECIPE=${2:?usage: sbatch slurm/prepare.sh STAGE RECIPE [--key value ...]}
 shift 2
 PY=${ALIGNKIT_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-exec "$PY" -m alignkit."$STAGE" --config "$RECIPE" --prepare_only true "$@"
+exec "$PY" -m alignkit "$STAGE" --config "$RECIPE" --prepare_only true "$@"

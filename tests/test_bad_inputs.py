@@ -9,9 +9,9 @@ import re
 import shutil
 
 import pytest
-from conftest import tiny_recipe
 
-from alignkit import dpo, sft
+from alignkit.train import dpo, sft
+from conftest import tiny_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +93,7 @@ def test_model_without_chat_template_and_none_configured(recipe, tmp_path, tiny_
 
 def test_answers_from_a_base_model_without_chat_template_are_refused_before_weights(tmp_path, tiny_model, capsys):
     """Anima33B-merged has no chat template: the pairs stage said so with a traceback after loading 33B weights."""
-    from alignkit import pairs
+    from alignkit.prepare import pairs
 
     plain = without_chat_template(tiny_model, tmp_path)
     questions = tmp_path / "q.jsonl"

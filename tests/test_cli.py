@@ -24,9 +24,9 @@ def test_sft_then_dpo_from_the_command_line(tmp_path, tiny_model, tiny_data):
     assert r.returncode == 0, r.stderr[-3000:]
     dpo = tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", use_peft=False, adapter_path=str(tmp_path / "out-sft"),
                       metrics_dir=str(tmp_path / "metrics"))
-    # python -m alignkit.dpo is the same entry point as `alignkit dpo`
+    # python -m alignkit dpo is the same entry point as `alignkit dpo`
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "alignkit.dpo", "--config", dpo, "--beta", "0.25", "--max_steps", "1"],
+    r = subprocess.run([sys.executable, "-m", "alignkit", "dpo", "--config", dpo, "--beta", "0.25", "--max_steps", "1"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     sft_metrics = json.load(open(tmp_path / "metrics" / "sft.json"))
@@ -70,7 +70,8 @@ def test_unknown_command_suggests():
 def test_every_command_in_the_readme_is_registered():
     import re
 
-    from alignkit.cli import STAGES, TOOLS
+    from alignkit.cli import TOOLS
+    from alignkit.train import STAGES
 
     readme = open(os.path.join(ROOT, "README.md")).read()
     used = set(re.findall(r"`alignkit ([a-z][a-z_-]+)", readme)) - {"check"}

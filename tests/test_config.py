@@ -8,9 +8,10 @@ import os
 import pytest
 import yaml
 
-from alignkit import dpo, sft
-from alignkit.cli import check, stage_of
-from alignkit.config import RecipeError, load_recipe
+from alignkit.cli import check
+from alignkit.config import load_recipe
+from alignkit.errors import RecipeError
+from alignkit.train import dpo, sft, stage_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,8 +26,8 @@ def write(tmp_path, **keys) -> str:
 
 def load(path, argv=(), stage=dpo, **kw):
     spec = stage.SPEC
-    return load_recipe(path, list(argv), spec.config_class(), stage_check=spec.stage_check, stage_defaults=spec.defaults,
-                       **kw)
+    return load_recipe(path, list(argv), spec.config_class(), stage_check=spec.stage_check,
+                       stage_defaults=spec.defaults, **kw)
 
 
 def test_unknown_key_names_nearest_valid(tmp_path):
@@ -120,10 +121,10 @@ def test_check_reports_a_bad_recipe(tmp_path, capsys):
 
 
 def test_global_batch_size_derives_accumulation_from_world_size(tmp_path, tiny_model, tiny_data):
-    from conftest import tiny_recipe
     from trl import DPOConfig
 
     from alignkit.config import derive_accumulation
+    from conftest import tiny_recipe
 
     path = tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", global_batch_size=16, per_device_train_batch_size=2)
     recipe = load_recipe(path, [], DPOConfig)  # this process: world size 1
@@ -157,8 +158,9 @@ def test_activation_checkpointing_under_its_current_name(tmp_path, monkeypatch):
 
     import yaml
 
-    from alignkit import config, dpo
-    from alignkit.stage import reentrant_checkpointing_for_zero3_lora
+    from alignkit import config
+    from alignkit.train import dpo
+    from alignkit.train.stage import reentrant_checkpointing_for_zero3_lora
 
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump({"model_name_or_path": "m", "datasets": [{"path": "a.jsonl"}], "use_peft": True}))

@@ -1,6 +1,6 @@
 """The CUDA container, checked statically (no image registry is reachable here to build it): the Dockerfile parses,
-its base image has the CUDA torch is built for, it installs from the very lock file CI installs, every GPU extra is pinned,
-and it runs as a non-root user with the make targets as its interface."""
+its base image has the CUDA torch is built for, it installs from the very lock file CI installs, every GPU extra is
+pinned, and it runs as a non-root user with the make targets as its interface."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_base_image_cuda_is_the_cuda_torch_is_built_for():
     # the host driver it needs is stated where users look
     text = open(os.path.join(ROOT, "Dockerfile")).read() + open(os.path.join(ROOT, "README.md")).read()
     assert re.search(r"driver >= 580", text)
-    # manifests written inside the container name the base image (alignkit.reliability.manifest)
+    # manifests written inside the container name the base image (alignkit.artifacts.manifest)
     assert f"ALIGNKIT_BASE_IMAGE={froms[0]}" in " ".join(a for w, a in instructions() if w == "ENV")
 
 
@@ -135,10 +135,10 @@ def test_in_the_container_make_uses_the_image_env_and_refuses_other_requirements
 
 
 def stand_in_venv(tmp_path):
-    """A venv whose python and dvc print the offline variables they were given."""
+    """A venv whose python, dvc, alignkit and ruff print the offline variables they were given."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    for tool in ("python", "dvc"):
+    for tool in ("python", "dvc", "alignkit", "ruff"):
         script = venv / "bin" / tool
         script.write_text('#!/bin/sh\necho "$(basename $0) HF_HUB_OFFLINE=${HF_HUB_OFFLINE-unset} '
                           'HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE-unset} '

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_jsonl
 
-from alignkit.data import CONVERSATION, PREFERENCE, DataError, load_mixture, load_splits, normalize_rows
+from alignkit.data import CONVERSATION, PREFERENCE, load_mixture, load_splits, normalize_rows
+from alignkit.errors import DataError
+from conftest import write_jsonl
 
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
@@ -48,7 +49,8 @@ GOOD_CONV = {"messages": [U("Hi?"), A("Hello.")]}
 @pytest.mark.parametrize("bad,kind,field,reason", [
     ({"prompt": "Hi?", "chosen": "Hello."}, PREFERENCE, "rejected", "missing field"),  # missing field
     ({"prompt": "Hi?", "chosen": "  ", "rejected": "No."}, PREFERENCE, "chosen", "empty text"),
-    ({"prompt": "Hi?", "chosen": 3, "rejected": "No."}, PREFERENCE, "chosen", "expected a string or a list of messages, got int"),
+    ({"prompt": "Hi?", "chosen": 3, "rejected": "No."}, PREFERENCE, "chosen",
+     "expected a string or a list of messages, got int"),
     ({"prompt": "Hi?", "chosen": "Same.", "rejected": "Same."}, PREFERENCE, "rejected", "identical to chosen"),
     ({"messages": [A("Hello."), U("Hi?")]}, CONVERSATION, "messages[0].role", "wrong role order"),
     ({"messages": [U("Hi?"), U("Again?")]}, CONVERSATION, "messages[1].role", "wrong role order"),

@@ -17,8 +17,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_recipe
 from safetensors.torch import load_file
+
+from conftest import tiny_recipe
 
 BIN = os.path.dirname(sys.executable)
 
@@ -44,7 +45,7 @@ def single_process(tmp_path_factory, tiny_model, tiny_data):
     tmp = tmp_path_factory.mktemp("dist")
     recipe = tiny_recipe(tmp, tiny_model, tiny_data, "sft", global_batch_size=8, per_device_train_batch_size=2,
                          max_steps=3, seed=3)
-    run([sys.executable, "-m", "alignkit.sft", "--config", recipe, "--output_dir", str(tmp / "one")], tmp)
+    run([sys.executable, "-m", "alignkit", "sft", "--config", recipe, "--output_dir", str(tmp / "one")], tmp)
     metrics = json.load(open(tmp / "one" / "metrics.json"))
     assert (metrics["world_size"], metrics["gradient_accumulation_steps"]) == (1, 4)
     return recipe, tmp
@@ -62,9 +63,9 @@ def check_two_processes(out_dir, one_dir) -> None:
     assert not [p for p in os.listdir(parent) if ".tmp-" in p]
 
 
-def torchrun(module: str, args: list[str], tmp) -> None:
+def torchrun(stage: str, args: list[str], tmp) -> None:
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", module, *args], tmp)
+         "-m", "alignkit", stage, *args], tmp)
 
 
 def deepspeed_cpu_config(tmp, zero_stage: int = 3) -> str:
@@ -86,19 +87,19 @@ def deepspeed_cpu_config(tmp, zero_stage: int = 3) -> str:
     return str(config)
 
 
-def accelerate(config: str, module: str, args: list[str], tmp) -> None:
-    run([os.path.join(BIN, "accelerate"), "launch", "--config_file", config, "-m", module, *args], tmp)
+def accelerate(config: str, stage: str, args: list[str], tmp) -> None:
+    run([os.path.join(BIN, "accelerate"), "launch", "--config_file", config, "-m", "alignkit", stage, *args], tmp)
 
 
 def test_ddp_two_processes_match_one(single_process):
     recipe, tmp = single_process
-    torchrun("alignkit.sft", ["--config", recipe, "--output_dir", str(tmp / "ddp")], tmp)
+    torchrun("sft", ["--config", recipe, "--output_dir", str(tmp / "ddp")], tmp)
     check_two_processes(str(tmp / "ddp"), str(tmp / "one"))
 
 
 def test_deepspeed_zero3_two_processes_match_one(single_process):
     recipe, tmp = single_process
-    accelerate(deepspeed_cpu_config(tmp), "alignkit.sft", ["--config", recipe, "--output_dir", str(tmp / "zero3")],
+    accelerate(deepspeed_cpu_config(tmp), "sft", ["--config", recipe, "--output_dir", str(tmp / "zero3")],
                tmp)
     check_two_processes(str(tmp / "zero3"), str(tmp / "one"))
 
@@ -118,8 +119,8 @@ def reference_one_process(tmp_path_factory, tiny_model, tiny_data):
     tmp = tmp_path_factory.mktemp("ref")
     recipe = tiny_recipe(tmp, tiny_model, tiny_data, "dpo", global_batch_size=8, per_device_train_batch_size=2,
                          per_device_eval_batch_size=2, max_steps=3, seed=3)
-    run([sys.executable, "-m", "alignkit.ref_logps", "--config", recipe, "--ref_logps", str(tmp / "ref-one")], tmp)
-    run([sys.executable, "-m", "alignkit.dpo", "--config", recipe, "--output_dir", str(tmp / "dpo-one")], tmp)
+    run([sys.executable, "-m", "alignkit", "ref_logps", "--config", recipe, "--ref_logps", str(tmp / "ref-one")], tmp)
+    run([sys.executable, "-m", "alignkit", "dpo", "--config", recipe, "--output_dir", str(tmp / "dpo-one")], tmp)
     return recipe, tmp
 
 
@@ -132,12 +133,12 @@ def test_reference_logps_two_processes_equal_one(reference_one_process, launcher
     ref_args = ["--config", recipe, "--ref_logps", str(ref_dir)]
     dpo_args = ["--config", recipe, "--output_dir", str(dpo_dir)]
     if launcher == "ddp":
-        torchrun("alignkit.ref_logps", ref_args, tmp)
-        torchrun("alignkit.dpo", dpo_args, tmp)
+        torchrun("ref_logps", ref_args, tmp)
+        torchrun("dpo", dpo_args, tmp)
     else:
         config = deepspeed_cpu_config(tmp)
-        accelerate(config, "alignkit.ref_logps", ref_args, tmp)
-        accelerate(config, "alignkit.dpo", dpo_args, tmp)
+        accelerate(config, "ref_logps", ref_args, tmp)
+        accelerate(config, "dpo", dpo_args, tmp)
     ours, theirs = stored_logps(ref_dir), stored_logps(tmp / "ref-one")
     assert ours.keys() == theirs.keys() and len(ours) == 20
     for key, values in theirs.items():
@@ -153,7 +154,7 @@ def test_full_parameter_bf16_under_ddp_updates_fp32_master_weights(tmp_path, tin
     recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", use_peft=False, dtype="auto", bf16=True,
                          use_cpu=True, learning_rate=5e-7, global_batch_size=4, per_device_train_batch_size=2,
                          max_steps=1, save_strategy="no")
-    torchrun("alignkit.dpo", ["--config", recipe], tmp_path)
+    torchrun("dpo", ["--config", recipe], tmp_path)
     out = tmp_path / "out-dpo"
     assert json.load(open(out / "metrics.json"))["world_size"] == 2
     before, after = load_file(os.path.join(tiny_model, "model.safetensors")), load_file(str(out / "model.safetensors"))
@@ -182,7 +183,7 @@ def saved_one_process(tmp_path_factory, tiny_model, tiny_data):
     (tmp / "full").mkdir()
     full = tiny_recipe(tmp / "full", tiny_model, tiny_data, "sft", use_peft=False, **common)
     for recipe, out in ((lora, "lora-one"), (full, "full-one")):
-        run([sys.executable, "-m", "alignkit.sft", "--config", recipe, "--output_dir", str(tmp / out)], tmp)
+        run([sys.executable, "-m", "alignkit", "sft", "--config", recipe, "--output_dir", str(tmp / out)], tmp)
     return {"lora": lora, "full": full}, tmp
 
 
@@ -196,9 +197,9 @@ def test_nothing_saved_empty_or_partial_under_sharding(saved_one_process, launch
     out = tmp / f"{kind}-{launcher}"
     args = ["--config", recipes[kind], "--output_dir", str(out)]
     if launcher == "ddp":
-        torchrun("alignkit.sft", args, tmp)
+        torchrun("sft", args, tmp)
     else:
-        accelerate(deepspeed_cpu_config(tmp, int(launcher[-1])), "alignkit.sft", args, tmp)
+        accelerate(deepspeed_cpu_config(tmp, int(launcher[-1])), "sft", args, tmp)
     assert json.load(open(out / "metrics.json"))["world_size"] == 2
     one = tmp / f"{kind}-one"
     for sub in (["", "merged"] if kind == "lora" else [""]):
@@ -210,7 +211,8 @@ def test_nothing_saved_empty_or_partial_under_sharding(saved_one_process, launch
     if kind == "lora":  # merged = base + (alpha / r) · B A of this run's own adapter, on every LoRA layer
         base = load_file(os.path.join(json.load(open(out / "adapter_config.json"))["base_model_name_or_path"],
                                       "model.safetensors"))
-        merged, adapter = load_file(str(out / "merged" / "model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+        merged = load_file(str(out / "merged" / "model.safetensors"))
+        adapter = load_file(str(out / "adapter_model.safetensors"))
         scale = 8 / 4  # tiny_recipe: lora_alpha 8, r 4
         lora_layers = [k.removesuffix(".lora_A.weight") for k in adapter if k.endswith(".lora_A.weight")]
         assert len(lora_layers) == 14  # 7 projections x 2 layers
@@ -230,14 +232,15 @@ def test_preemption_through_alignkit_launch_and_accelerate_resumes_to_the_uninte
     import signal
     import subprocess
 
-    from alignkit.reliability import REQUEUE_EXIT, checkpoint_root, last_complete_checkpoint
+    from alignkit.errors import REQUEUE_EXIT
+    from alignkit.train.checkpoints import checkpoint_root, last_complete_checkpoint
 
     config = deepspeed_cpu_config(tmp_path)
     recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", global_batch_size=4, per_device_train_batch_size=2,
                          max_steps=16, save_steps=4, learning_rate=5e-3, seed=5)
 
     def launch(out):
-        return [sys.executable, "-m", "alignkit.launch", "sft", "--config", recipe, "--accelerate_config", config,
+        return [sys.executable, "-m", "alignkit", "launch", "sft", "--config", recipe, "--accelerate_config", config,
                 "--output_dir", str(out)]
 
     run(launch(tmp_path / "uninterrupted"), tmp_path)

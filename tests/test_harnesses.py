@@ -7,9 +7,9 @@ import json
 import os
 
 import pytest
-from standin import OpenAIStandIn
 
-from alignkit import alpacaeval, lmeval
+from alignkit.evaluation import alpacaeval, lmeval
+from standin import OpenAIStandIn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOL_TASKS = os.path.join(ROOT, "eval", "lm_eval", "smol")
@@ -179,8 +179,9 @@ def test_alpacaeval_annotates_through_the_stand_in_server(tmp_path, monkeypatch,
 def test_answer_backend_choice_and_model_kinds(tiny_model, tmp_path):
     import importlib.util
 
-    from alignkit.generation import pick_backend, split_models
-    from alignkit.stage import UsageError
+    from alignkit.errors import UsageError
+    from alignkit.generation import pick_backend
+    from alignkit.models import split_models
 
     if importlib.util.find_spec("vllm") is None:  # this machine and CI: transformers answers
         assert pick_backend("auto") == "hf"
@@ -202,7 +203,8 @@ def test_both_answer_backends_get_the_same_prompt_ids_with_one_bos(tiny_model):
     two. Both backends now get `prompt_ids` — what transformers' generate sees, unpadded, is what vLLM is given."""
     from tokenizers.processors import TemplateProcessing
 
-    from alignkit.generation import generate, load_for_inference, prompt_ids, vllm_prompts
+    from alignkit.generation import generate, prompt_ids, vllm_prompts
+    from alignkit.models import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_model)
     bos = tokenizer.bos_token_id
@@ -299,7 +301,7 @@ def test_every_leaderboard_v1_task_resolves_in_lm_evals_own_registry_offline():
             continue
         cfg = entry.cfg
         measured, _, filtered = metric.partition(",")
-        assert measured in [m["metric"] for m in cfg["metric_list"]] or (measured == "acc_norm" and
-                                                                           cfg["output_type"] == "multiple_choice"), name
+        assert measured in [m["metric"] for m in cfg["metric_list"]] or (
+            measured == "acc_norm" and cfg["output_type"] == "multiple_choice"), name
         assert filtered == "none" or filtered in [f["name"] for f in cfg.get("filter_list", [])], name
         assert cfg.get("dataset_path") and shots >= 0

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from alignkit.base_model import gguf_in_package, materialize
+from alignkit.prepare.base_model import gguf_in_package, materialize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.integration
@@ -37,7 +37,8 @@ def test_named_template_renders_like_smollm2s_own(smol):
 
 
 def test_smol_sft_and_dpo_steps(smol, tmp_path):
-    from alignkit import dpo, evaluate, sft
+    from alignkit.evaluation import evaluate
+    from alignkit.train import dpo, sft
 
     common = ["--model_name_or_path", smol, "--max_steps", "2", "--metrics_dir", str(tmp_path / "m")]
     os.chdir(ROOT)  # the smol recipes name repo-relative data files

@@ -6,10 +6,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from standin import OpenAIStandIn as _Server
 
-from alignkit.judges import (JudgeError, JudgmentCache, OpenAIJudge, ReferenceScorer, load_judge_prompts,
-                             parse_rating, parse_verdict, render_pair, render_single, swap_outcome, win_rate)
+from alignkit.evaluation.judges import (
+    JudgeError,
+    JudgmentCache,
+    OpenAIJudge,
+    ReferenceScorer,
+    load_judge_prompts,
+    parse_rating,
+    parse_verdict,
+    render_pair,
+    render_single,
+    swap_outcome,
+    win_rate,
+)
+from standin import OpenAIStandIn as _Server
 
 Q_WRITING = {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now in French."]}
 Q_MATH = {"question_id": 111, "category": "math", "turns": ["What is 2+2?", "And 3+3?"]}

@@ -7,11 +7,13 @@ import math
 import os
 
 import pytest
+
+from alignkit.train import stage_module
 from conftest import QA, tiny_recipe, write_jsonl
 
 
 def run(stage: str, recipe: str, *extra: str) -> dict:
-    module = __import__(f"alignkit.{stage}", fromlist=["x"])
+    module = stage_module(stage)
     return module.train(["--config", recipe, *extra])
 
 
@@ -88,7 +90,7 @@ def test_reward_model_separates_a_separable_set(tmp_path, tiny_model):
 
 
 def test_reward_stage_refuses_sft_rows(tmp_path, tiny_model, tiny_data):
-    from alignkit.data import DataError
+    from alignkit.errors import DataError
 
     recipe = tiny_recipe(tmp_path, tiny_model, {**tiny_data, "pref_train": tiny_data["sft_train"]}, "reward")
     with pytest.raises(DataError, match=r"sft_train.jsonl: row 1: field 'messages': a conversation row where a "
@@ -97,7 +99,7 @@ def test_reward_stage_refuses_sft_rows(tmp_path, tiny_model, tiny_data):
 
 
 def test_pack_documents_keeps_every_token_but_the_remainder():
-    from alignkit.cpt import pack_documents
+    from alignkit.train.cpt import pack_documents
 
     docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
     blocks, stats = pack_documents(docs, eos_id=0, block_size=4)

@@ -6,9 +6,9 @@ import json
 import os
 
 import pytest
-from standin import OpenAIStandIn as _Server
 
-from alignkit import mtbench
+from alignkit.evaluation import mtbench
+from standin import OpenAIStandIn as _Server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOL_QUESTIONS = os.path.join(ROOT, "data", "mtbench-smol", "question.jsonl")
@@ -54,11 +54,12 @@ def test_answer_file_is_continued_not_restarted(tmp_path, tiny_model):
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:4]))  # a crash after the first chunk
     run(part, tiny_model)
-    assert sorted(path.read_text().splitlines()) == sorted((full / "mt" / "answers" / "base.jsonl").read_text().splitlines())
+    uninterrupted = (full / "mt" / "answers" / "base.jsonl").read_text()
+    assert sorted(path.read_text().splitlines()) == sorted(uninterrupted.splitlines())
 
 
 def test_openai_judge_through_the_stand_in_server_with_pairwise(tmp_path, tiny_model, monkeypatch):
-    from alignkit import sft
+    from alignkit.train import sft
     from conftest import tiny_recipe
 
     server = _Server()
@@ -101,8 +102,8 @@ def test_a_scaled_down_run_answers_the_first_questions_of_chosen_categories():
     MT-Bench's GPT-4 references (what the offline reference-f1 judge needs)."""
     import pytest
 
-    from alignkit.mtbench import load_questions, select_questions
-    from alignkit.stage import UsageError
+    from alignkit.errors import UsageError
+    from alignkit.evaluation.mtbench import load_questions, select_questions
 
     questions = load_questions("mt_bench")
     chosen = select_questions(questions, ["math", "reasoning", "coding"], 2)

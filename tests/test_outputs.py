@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from alignkit.evaluate import completion_logps, task_scores
-from alignkit.models import atomic_output
-from alignkit.pairs import build_pairs
-from alignkit.report import render
+from alignkit.artifacts import atomic_output
+from alignkit.evaluation.evaluate import completion_logps, task_scores
+from alignkit.evaluation.report import render
+from alignkit.prepare.pairs import build_pairs
 
 
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):
@@ -38,7 +38,7 @@ def test_a_rerun_removes_what_a_killed_stage_left_and_keeps_a_live_writers(tmp_p
     import sys
 
     out = tmp_path / "base"
-    crash = ("import os, signal, sys\nfrom alignkit.models import atomic_output\n"
+    crash = ("import os, signal, sys\nfrom alignkit.artifacts import atomic_output\n"
              "with atomic_output(sys.argv[1]) as tmp:\n"
              "    open(os.path.join(tmp, 'model.safetensors'), 'wb').write(b'half')\n"
              "    os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -49,7 +49,7 @@ def test_a_rerun_removes_what_a_killed_stage_left_and_keeps_a_live_writers(tmp_p
     live = tmp_path / f".base.tmp-{__import__('socket').gethostname()}-{os.getpid()}-abcdefgh"
     elsewhere = tmp_path / ".base.tmp-othernode-12345-abcdefgh"
     live.mkdir(), elsewhere.mkdir()
-    rerun = subprocess.run([sys.executable, "-m", "alignkit.base_model", "--source", tiny_model, "--out", str(out)],
+    rerun = subprocess.run([sys.executable, "-m", "alignkit", "base_model", "--source", tiny_model, "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == sorted(["base", live.name, elsewhere.name]), os.listdir(tmp_path)
@@ -74,7 +74,7 @@ def test_task_scores():
 def test_completion_logps_match_a_manual_computation(tiny_model):
     import torch
 
-    from alignkit.generation import load_for_inference
+    from alignkit.models import load_for_inference
 
     model, tok = load_for_inference(tiny_model)
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
@@ -96,7 +96,8 @@ def test_report_renders_tables_and_differing_generations():
     evaluation = {"base": {"task_agreement": 0.0, "pair_accuracy": 0.5},
                   "dpo": {"task_agreement": 0.5, "pair_accuracy": 1.0, "reward_accuracy": 1.0}}
     gens = [{"prompt": "Same?", "reference": "Yes.", "base": "Yes.", "dpo": "Yes."},
-            {"prompt": "Capital | of France?", "reference": "Paris.", "base": "The capital\nis Paris.", "dpo": "Paris."}]
+            {"prompt": "Capital | of France?", "reference": "Paris.", "base": "The capital\nis Paris.",
+             "dpo": "Paris."}]
     text = render(evaluation, {"dpo": {"train_loss": 0.3, "eval_reward_accuracy": 1.0}}, gens, 5)
     assert "| task agreement (greedy answer == reference) | 0.000 | 0.500 |" in text
     assert "| held-out implicit-reward accuracy vs. base | – | 1.000 |" in text
@@ -106,8 +107,10 @@ def test_report_renders_tables_and_differing_generations():
 
 def test_report_mtbench_table_names_the_judge():
     mt = {"judge": {"backend": "reference-f1", "model": None}, "score": "reference_f1_score",
-          "models": {"base": {"overall": 2.0, "turn_1": 2.5, "turn_2": 1.5, "categories": {"math": 3.0, "writing": 1.0}},
-                     "dpo": {"overall": 4.0, "turn_1": 4.5, "turn_2": 3.5, "categories": {"math": 5.0, "writing": 3.0}}},
+          "models": {"base": {"overall": 2.0, "turn_1": 2.5, "turn_2": 1.5,
+                              "categories": {"math": 3.0, "writing": 1.0}},
+                     "dpo": {"overall": 4.0, "turn_1": 4.5, "turn_2": 3.5,
+                             "categories": {"math": 5.0, "writing": 3.0}}},
           "pairwise": {"dpo_vs_sft": {"win_rate": 0.75, "wins": 2, "losses": 0, "ties": 1, "unparseable": 0}}}
     text = render({"base": {}}, {}, [], 0, mtbench=mt)
     assert "## MT-Bench-style (reference_f1_score, judge: reference-f1)" in text
@@ -137,7 +140,7 @@ def test_report_of_a_pipeline_without_the_evaluate_stage(tmp_path):
     """Zephyr's pipeline has MT-Bench and lm-eval but no evaluate stage: the report takes its models from them."""
     import json
 
-    from alignkit import report
+    from alignkit.evaluation import report
 
     mt = {"judge": {"backend": "reference-f1", "model": None}, "score": "reference_f1_score",
           "models": {m: {"overall": v, "turn_1": v, "turn_2": v, "categories": {"math": v}}
@@ -156,7 +159,7 @@ def test_report_of_a_pipeline_without_the_evaluate_stage(tmp_path):
 def test_content_digests_follow_the_files_even_when_remembered(tmp_path):
     import hashlib
 
-    from alignkit.reliability import sha256_path
+    from alignkit.artifacts import sha256_path
 
     weights = tmp_path / "model" / "weights.bin"
     weights.parent.mkdir()
@@ -174,7 +177,8 @@ def test_a_save_of_empty_missing_or_mis_shaped_tensors_fails(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from alignkit.models import SaveError, verify_saved
+    from alignkit.errors import SaveError
+    from alignkit.train.saving import verify_saved
 
     expected = {"model.layers.0.mlp.up_proj.weight": (64, 32), "model.norm.weight": (32,)}
     with pytest.raises(SaveError, match="no weights were written"):

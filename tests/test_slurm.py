@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+
 from conftest import tiny_recipe
 from slurm_cluster import Cluster
 

@@ -9,6 +9,7 @@ import os
 import sys
 
 import pytest
+
 from conftest import tiny_recipe
 from slurm_cluster import TwoNodeCluster
 

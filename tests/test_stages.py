@@ -7,14 +7,15 @@ import math
 import os
 
 import pytest
-from conftest import tiny_recipe
 from safetensors.torch import load_file
+
+from conftest import tiny_recipe
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 
 def run_stage(stage: str, recipe: str, *extra: str) -> dict:
-    from alignkit import dpo, sft
+    from alignkit.train import dpo, sft
 
     return {"sft": sft, "dpo": dpo}[stage].train(["--config", recipe, *extra])
 
@@ -121,7 +122,7 @@ def test_saved_configs_do_not_depend_on_the_process(tmp_path, tiny_model, tiny_d
         (tmp_path / str(i)).mkdir()
         recipe = tiny_recipe(tmp_path / str(i), tiny_model, tiny_data, "sft", max_steps=1)
         env = dict(os.environ, PYTHONHASHSEED=seed, HF_HUB_OFFLINE=offline)
-        subprocess.run([sys.executable, "-m", "alignkit.sft", "--config", recipe], check=True, env=env,
+        subprocess.run([sys.executable, "-m", "alignkit", "sft", "--config", recipe], check=True, env=env,
                        capture_output=True)
         outs.append(tmp_path / str(i) / "out-sft")
     for name in ("adapter_config.json", "tokenizer_config.json", "adapter_model.safetensors", "metrics.json"):
@@ -130,7 +131,7 @@ def test_saved_configs_do_not_depend_on_the_process(tmp_path, tiny_model, tiny_d
 
 FAULTS_PER_STEP = """
 import resource, sys, torch
-from alignkit.stage import keep_freed_memory
+from alignkit.train.stage import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def step():  # a DPO step's LM-head pattern on CPU: a 128 MiB logit tile and temporaries of the same size
@@ -164,7 +165,7 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
 @pytest.mark.parametrize("keep", [True, False])
 def test_the_recipe_decides_whether_cpu_training_keeps_freed_memory(tmp_path, tiny_model, tiny_data, monkeypatch,
                                                                     keep):
-    from alignkit import sft, stage
+    from alignkit.train import sft, stage
 
     calls = []
     monkeypatch.setattr(stage, "keep_freed_memory", lambda: calls.append(1) or True)
@@ -178,10 +179,11 @@ def test_the_recipe_decides_whether_cpu_training_keeps_freed_memory(tmp_path, ti
 def test_rows_cut_or_dropped_by_truncation_are_counted_and_none_left_is_one_clear_error(tmp_path, tiny_model,
                                                                                            tiny_data):
     """TRL drops a preference row whose prompt alone fills max_length (silently) and dies in torch.cat() when none is
-    left: the stage counts dropped and cut rows per split, and refuses before any weights load when none would remain."""
-    from alignkit import dpo
-    from alignkit.config import RecipeError
+    left: the stage counts dropped and cut rows per split, and refuses before any weights load when none would
+    remain."""
+    from alignkit.errors import RecipeError
     from alignkit.models import load_tokenizer
+    from alignkit.train import dpo
 
     recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", max_steps=1)
     parsed = dpo.SPEC.parse(["--config", recipe])

@@ -6,10 +6,10 @@ import math
 import os
 
 import pytest
+
+from alignkit.train.dpo import LOSS_TYPES
 from conftest import tiny_recipe
 from test_stages import first_logged, run_stage
-
-from alignkit.dpo import LOSS_TYPES
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -42,8 +42,8 @@ def test_qlora_nf4_double_quant_trains(tmp_path, tiny_qlora_model, tiny_data, st
 
 
 def load_4bit(tmp_path, model_dir, tiny_data):
-    from alignkit import sft
     from alignkit.models import load_model, load_tokenizer
+    from alignkit.train import sft
 
     recipe = sft.SPEC.parse(["--config", tiny_recipe(tmp_path, model_dir, tiny_data, "sft", load_in_4bit=True,
                                                      use_bnb_nested_quant=True)])
@@ -67,7 +67,7 @@ def test_4bit_cpu_packing_shapes_are_checked_on_every_cpu(tmp_path, tiny_model, 
     import bitsandbytes as bnb
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    from alignkit.config import RecipeError
+    from alignkit.errors import RecipeError
     from alignkit.models import check_cpu_4bit_packing
 
     def packs(model):
@@ -125,8 +125,8 @@ def test_gguf_path_is_split_into_directory_and_file(tmp_path):
 def test_load_dtype_follows_what_is_trained(tmp_path, tiny_model, tiny_data, monkeypatch, keys, deepspeed, expected):
     import torch
 
-    from alignkit import dpo
     from alignkit.models import torch_dtype
+    from alignkit.train import dpo
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true" if deepspeed else "false")
     recipe = dpo.SPEC.parse(["--config", tiny_recipe(tmp_path, tiny_model, tiny_data, "dpo", bf16=True, use_cpu=True,
@@ -136,8 +136,9 @@ def test_load_dtype_follows_what_is_trained(tmp_path, tiny_model, tiny_data, mon
 
 
 def test_bf16_on_cpu_only_when_stated(tmp_path, tiny_model, tiny_data):
-    from alignkit import dpo
-    from alignkit.config import RecipeError, cuda_info
+    from alignkit.config import cuda_info
+    from alignkit.errors import RecipeError
+    from alignkit.train import dpo
 
     if cuda_info()[0]:
         pytest.skip("this machine has a GPU")

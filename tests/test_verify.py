@@ -14,7 +14,7 @@ def git(cwd, *args):
 
 
 def verify(cwd):
-    return subprocess.run([sys.executable, "-m", "alignkit.verify"], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "alignkit", "verify"], cwd=cwd, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -25,7 +25,7 @@ def test_verify_says_reproduced_or_lists_each_difference_with_its_size(tmp_path)
     (tmp_path / "metrics" / "dpo.json").write_text(json.dumps(metrics, indent=2))
     (tmp_path / "metrics" / "dpo_log.csv").write_text("step,loss\n1,0.693147\n2,0.691\n")
     (tmp_path / "reports" / "smol.md").write_text("# report\n| dpo | 0.691 |\n")
-    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  dpo:\n    cmd: python -m alignkit.dpo\n"
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  dpo:\n    cmd: python -m alignkit dpo\n"
                                        "    outs:\n    - path: build/models/dpo\n      md5: aaa.dir\n")
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", "-A")

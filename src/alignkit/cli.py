@@ -1,33 +1,40 @@
-"""The `alignkit` command: `alignkit <command> [args]`; each command is also `python -m alignkit.<module>`."""
+"""The `alignkit` command: `alignkit <command> [args]` — every stage and tool of the pipelines, one table.
+
+A command, its module and its DVC stage share one name (`alignkit rejection_sampling` is
+alignkit/prepare/rejection_sampling.py and the `rejection_sampling` stage); `python -m alignkit <command>` is the
+same command with a chosen interpreter.
+"""
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
-# Training stages: recipe-driven (`--config recipes/<name>/<stage>.yaml`).
-STAGES = {name: f"alignkit.{name}" for name in ("cpt", "sft", "dpo", "orpo", "cpo", "kto", "reward")}
-# Stages that run on a training stage's recipe without training (`alignkit ref_logps --config R`, launchable too).
-STAGES["ref_logps"] = "alignkit.ref_logps"
-# Pipeline tools with their own flags.
+import yaml
+
+from alignkit.command import run_cli
+from alignkit.errors import RecipeError, nearest
+from alignkit.launch.preflight import accelerate_config_problems, read_accelerate_config
+from alignkit.train import STAGES, stage_module, stage_of
+
+# Pipeline tools with their own flags, by folder: before training, after it, scaling out, checking.
 TOOLS = {
-    "base-model": "alignkit.base_model",
-    "pairs": "alignkit.pairs",
-    "rejection-sampling": "alignkit.rejection_sampling",
-    "evaluate": "alignkit.evaluate",
-    "mtbench": "alignkit.mtbench",
-    "lmeval": "alignkit.lmeval",
-    "alpacaeval": "alignkit.alpacaeval",
-    "launch": "alignkit.launch",
-    "plan": "alignkit.plan",
-    "report": "alignkit.report",
+    "base_model": "alignkit.prepare.base_model",
+    "pairs": "alignkit.prepare.pairs",
+    "rejection_sampling": "alignkit.prepare.rejection_sampling",
+    "evaluate": "alignkit.evaluation.evaluate",
+    "mtbench": "alignkit.evaluation.mtbench",
+    "lmeval": "alignkit.evaluation.lmeval",
+    "alpacaeval": "alignkit.evaluation.alpacaeval",
+    "report": "alignkit.evaluation.report",
+    "launch": "alignkit.launch.launch",
+    "plan": "alignkit.launch.plan",
     "verify": "alignkit.verify",
 }
 
 USAGE = f"""usage: alignkit <command> [args]
 
-training stages (python -m alignkit.<stage> --config RECIPE [--key value ...]):
+training stages (alignkit <stage> --config RECIPE [--key value ...]):
   {', '.join(STAGES)}
 validate recipes without training:
   check RECIPE [RECIPE ...]     (stage from the file name: recipes/<name>/<stage>*.yaml, or --stage)
@@ -36,18 +43,7 @@ pipeline tools:
 """
 
 
-def stage_of(path: str) -> str | None:
-    """recipes/zephyr/dpo_qlora.yaml → 'dpo'."""
-    stem = os.path.splitext(os.path.basename(path))[0].lower()
-    for stage in sorted(STAGES, key=len, reverse=True):
-        if stem == stage or stem.startswith((stage + "_", stage + "-", stage + ".")):
-            return stage
-    return None
-
-
 def is_accelerate_config(path: str) -> bool:
-    import yaml
-
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -58,15 +54,13 @@ def is_accelerate_config(path: str) -> bool:
 
 def check_accelerate_config(path: str) -> bool:
     """An accelerate config (recipes/accelerate/*.yaml) is read with accelerate's own loader."""
-    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.config.config_args import ClusterConfig  # accelerate's own loader: heavy
 
     try:
         config = ClusterConfig.from_yaml_file(path)
     except (ValueError, TypeError, KeyError) as e:
         print(f"FAIL {path}: not a valid accelerate config: {e}")
         return False
-    from .launch import accelerate_config_problems, read_accelerate_config
-
     problems = accelerate_config_problems(read_accelerate_config(path))
     if problems:
         print(f"FAIL {path}: " + "; ".join(problems))
@@ -78,8 +72,6 @@ def check_accelerate_config(path: str) -> bool:
 
 def check(argv: list[str]) -> int:
     """Validate recipes: parse, resolve every key, cross-field checks. Nothing is loaded or trained."""
-    from .config import RecipeError
-
     stage_override = None
     if "--stage" in argv:
         i = argv.index("--stage")
@@ -97,9 +89,8 @@ def check(argv: list[str]) -> int:
             print(f"FAIL {path}: cannot tell the stage; name it <stage>*.yaml ({', '.join(STAGES)}) or pass --stage")
             failed += 1
             continue
-        module = importlib.import_module(STAGES[stage])
         try:
-            recipe = module.SPEC.parse(["--config", path], for_check=True)
+            recipe = stage_module(stage).SPEC.parse(["--config", path], for_check=True)
         except RecipeError as e:
             print(f"FAIL {path}: {e}")
             failed += 1
@@ -116,20 +107,11 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "check":
-        from .stage import run_cli
-
         return run_cli("check", check, rest)
     module = STAGES.get(command) or TOOLS.get(command)
     if module is None:
-        import difflib
-
-        close = difflib.get_close_matches(command, [*STAGES, *TOOLS, "check"], n=3)
-        print(f"alignkit: unknown command '{command}'" + (f"; did you mean: {', '.join(close)}" if close else ""),
+        print(f"alignkit: unknown command '{command}'; did you mean: {nearest(command, [*STAGES, *TOOLS, 'check'])}",
               file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 2
     return importlib.import_module(module).main(rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from alignkit.errors import RecipeError, nearest
+from alignkit.templates import resolve_chat_template
 
-class RecipeError(ValueError):
-    """A recipe (YAML or CLI override) is invalid. The message says which key and why."""
+# The keys of one data source in a recipe's `datasets` / `test_datasets`.
+SOURCE_KEYS = {"path", "name", "split", "data_files", "data_dir", "fraction", "revision"}
 
 
 @dataclass
@@ -91,9 +92,9 @@ class AlignkitArguments:
     cpu_keep_freed_memory: bool = field(
         default=True,
         metadata={
-            "help": "Training on CPU (glibc): serve large tensors from the heap and never hand freed memory back to the "
-            "OS, so each step reuses it instead of faulting in fresh zeroed pages (~20% of a smol DPO step was kernel "
-            "time). Process-wide; peak RSS grows a little (+5 % for the smol DPO run)."
+            "help": "Training on CPU (glibc): serve large tensors from the heap and never hand freed memory back to "
+            "the OS, so each step reuses it instead of faulting in fresh zeroed pages (~20% of a smol DPO step was "
+            "kernel time). Process-wide; peak RSS grows a little (+5 % for the smol DPO run)."
         },
     )
     global_batch_size: int | None = field(
@@ -122,7 +123,7 @@ class Recipe:
     path: str | None
     data: DataArguments
     model: Any  # trl.ModelConfig
-    extras: AlignkitArguments
+    alignkit: AlignkitArguments  # the recipe's own keys (not TRL's)
     train: Any  # the stage's TRL config
     explicit_keys: set[str]
     notes: list[str]
@@ -136,7 +137,7 @@ class Recipe:
     def resolved(self) -> dict:
         """Flat dict of every key of this recipe, as it will be used (written next to each stage output)."""
         out: dict[str, Any] = {}
-        for group in (self.data, self.extras, self.model):
+        for group in (self.data, self.alignkit, self.model):
             out.update(dataclasses.asdict(group))
         train = self.train.to_dict()
         for key in ("hub_token", "push_to_hub_token"):  # never written anywhere
@@ -150,12 +151,8 @@ def _field_names(*classes) -> set[str]:
 
 
 def _nearest(key: str, valid: set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.6)
-    if not close:  # fall back to keys that share a word with the bad one
-        words = set(key.lower().replace("-", "_").split("_")) - {""}
-        close = sorted(k for k in valid if words & set(k.split("_")))[:3]
-    return ", ".join(close) if close else "(none close; see `alignkit check --keys`)"
-
+    close = nearest(key, valid)
+    return close if close != "(none close)" else "(none close; see `alignkit check --keys`)"
 
 def _check_types(parser, config: dict, argv: list[str], where: str) -> None:
     """A value of the wrong type names its key, where it came from and what was expected (argparse alone says
@@ -249,7 +246,8 @@ def load_recipe(
     config: dict[str, Any] = {}
     if config_path is not None:
         if os.path.isdir(config_path):
-            raise RecipeError(f"{config_path} is a directory, not a recipe file (e.g. {config_path.rstrip('/')}/sft.yaml)")
+            raise RecipeError(f"{config_path} is a directory, not a recipe file "
+                              f"(e.g. {config_path.rstrip('/')}/sft.yaml)")
         if not os.path.isfile(config_path):
             raise RecipeError(f"recipe file not found: {config_path}")
         with open(config_path) as f:
@@ -291,7 +289,7 @@ def load_recipe(
     defaults.setdefault("activation_checkpointing", has_cuda)
     defaults.setdefault("report_to", "none")
     defaults.setdefault("logging_steps", 1)
-    # Checkpoints for resume (beside the output, see reliability.py); the last two survive a crash mid-save.
+    # Checkpoints for resume (beside the output, see train/checkpoints.py); the last two survive a crash mid-save.
     defaults.setdefault("save_strategy", "steps")
     defaults.setdefault("save_steps", 100)
     defaults.setdefault("save_total_limit", 2)
@@ -300,23 +298,36 @@ def load_recipe(
     _check_types(parser, config, argv, where)
     parser.set_defaults_with_config(**defaults)
     try:
-        data, extras, model, train = parser.parse_args_into_dataclasses(args=list(argv))
+        data, own, model, train = parser.parse_args_into_dataclasses(args=list(argv))
     except SystemExit as e:  # argparse prints its own message for a bad CLI value
         raise RecipeError(f"{where}: invalid command-line arguments {argv}") from e
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: {e}") from e
 
-    recipe = Recipe(config_path, data, model, extras, train, explicit, notes, half, output_dir=train.output_dir)
+    recipe = Recipe(config_path, data, model, own, train, explicit, notes, half, output_dir=train.output_dir)
     validate(recipe, for_check=for_check, has_cuda=has_cuda, stage_check=stage_check)
     return recipe
 
 
+def validate_source_spec(spec, label: str, where: str) -> dict:
+    """A recipe's data source, checked, as a mapping ({path, name?, split?, data_files?, fraction?})."""
+    if isinstance(spec, str) and spec.strip():
+        return {"path": spec}
+    if not isinstance(spec, dict) or "path" not in spec:
+        raise RecipeError(f"{where}: {label} must be a path string or a mapping with a 'path' key, got {spec!r}")
+    unknown = set(spec) - SOURCE_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise RecipeError(f"{where}: {label}: unknown key '{key}'; nearest valid keys: {_nearest(key, SOURCE_KEYS)}")
+    frac = spec.get("fraction")
+    if frac is not None and not (isinstance(frac, (int, float)) and 0 < frac <= 1):
+        raise RecipeError(f"{where}: {label}.fraction must be in (0, 1], got {frac!r}")
+    return dict(spec)
+
+
 def validate(recipe: Recipe, *, for_check: bool, has_cuda: bool, stage_check=None) -> None:
     """Cross-field checks that no single dataclass can do. Raise RecipeError naming the keys involved."""
-    from .data import validate_source_spec
-    from .templates import resolve_chat_template
-
-    m, x, t, d = recipe.model, recipe.extras, recipe.train, recipe.data
+    m, x, d = recipe.model, recipe.alignkit, recipe.data
     where = recipe.path or "command line"
 
     def fail(msg: str):
@@ -369,7 +380,7 @@ def cpu_bf16(recipe: Recipe) -> bool:
 def needs_gpu(recipe: Recipe) -> bool:
     """Whether a recipe can only run on CUDA GPUs: it says so, or it asks for half precision (except bf16 on CPU
     by choice, see cpu_bf16)."""
-    x = recipe.extras
+    x = recipe.alignkit
     return bool(x.requires_gpu or recipe.asks("fp16") or (recipe.asks("bf16") and not cpu_bf16(recipe)))
 
 
@@ -380,7 +391,7 @@ def world_size() -> int:
 
 def derive_accumulation(recipe: Recipe, world: int, fail) -> None:
     """gradient_accumulation_steps = global_batch_size / (world × per-device batch), or a clear error."""
-    t, global_batch = recipe.train, recipe.extras.global_batch_size
+    t, global_batch = recipe.train, recipe.alignkit.global_batch_size
     per_step = world * t.per_device_train_batch_size
     if global_batch <= 0 or global_batch % per_step:
         fail(f"global_batch_size {global_batch} is not divisible by world size {world} × "

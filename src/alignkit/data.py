@@ -19,8 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 from dataclasses import dataclass, field
+
+from alignkit.artifacts import atomic_file
+from alignkit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +38,8 @@ KIND_NAMES = {
     UNPAIRED: "an unpaired (prompt/completion/label) or paired preference dataset is expected",
 }
 ROLES = ("system", "user", "assistant")
-SOURCE_KEYS = {"path", "name", "split", "data_files", "data_dir", "fraction", "revision"}
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
-
-
-class DataError(ValueError):
-    """A bad row or source. The message names the source, the row and the field."""
 
 
 @dataclass
@@ -74,43 +73,15 @@ class _RowError(Exception):
 # ---------------------------------------------------------------------------------------------------- sources
 
 
-def validate_source_spec(spec, label: str, where: str) -> dict:
-    """A recipe's data source, checked, as a mapping ({path, name?, split?, data_files?, fraction?})."""
-    from .config import RecipeError
-
-    if isinstance(spec, str) and spec.strip():
-        return {"path": spec}
-    if not isinstance(spec, dict) or "path" not in spec:
-        raise RecipeError(f"{where}: {label} must be a path string or a mapping with a 'path' key, got {spec!r}")
-    unknown = set(spec) - SOURCE_KEYS
-    if unknown:
-        from .config import _nearest
-
-        key = sorted(unknown)[0]
-        raise RecipeError(f"{where}: {label}: unknown key '{key}'; nearest valid keys: {_nearest(key, SOURCE_KEYS)}")
-    frac = spec.get("fraction")
-    if frac is not None and not (isinstance(frac, (int, float)) and 0 < frac <= 1):
-        raise RecipeError(f"{where}: {label}.fraction must be in (0, 1], got {frac!r}")
-    return dict(spec)
-
-
 def _spec(spec) -> dict:
     return {"path": spec} if isinstance(spec, str) else dict(spec)
 
 
 def _read_local_rows(path: str) -> list:
     """Read a local jsonl/json file ourselves, so a malformed line is reported with its line number."""
+    if path.endswith(".jsonl"):
+        return read_jsonl(path)
     with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            rows = []
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: row {lineno}: not valid JSON ({e.msg})") from None
-            return rows
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
@@ -367,8 +338,6 @@ def normalize_rows(label: str, rows: list, kind: str, drop_invalid: bool) -> tup
 def _take_fraction(rows: list, fraction: float | None, seed: int) -> list:
     if fraction is None or fraction >= 1:
         return rows
-    import random
-
     n = max(1, round(fraction * len(rows)))
     idx = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in idx]
@@ -409,7 +378,22 @@ def load_splits(data_args, kind: str, seed: int):
     return train, test, report
 
 
+def read_jsonl(path: str) -> list:
+    """The rows of a jsonl file (blank lines skipped); a line that is not JSON is reported with its number."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: row {lineno}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 def write_jsonl(rows, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """One JSON object per line (keys sorted, UTF-8 as is), written atomically, its directory created."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")

@@ -1,51 +1,21 @@
-"""Batched generation with the model's chat template (shared by evaluation and the pair-building stage)."""
+"""Batched generation with the model's chat template, through transformers or vLLM (shared by evaluation and the
+stages that build data from a model's answers)."""
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import json
 import logging
 import os
+import re
+import string
 import time
 
+from alignkit.errors import UsageError
+from alignkit.models import load_with_adapters, split_models, tokenizer_from, use_model
+
 logger = logging.getLogger(__name__)
-
-
-def inference_dtype(on_gpu: bool | None = None) -> str:
-    """The dtype models are loaded in for inference, named explicitly (a checkpoint's own `torch_dtype` may be
-    float32: a 33B model then needs 130 GB): bfloat16 on a GPU, float32 on a CPU (bf16 there is up to 10x slower,
-    and fp32 keeps CPU results the same on every instruction set)."""
-    if on_gpu is None:
-        import torch
-
-        on_gpu = torch.cuda.is_available()
-    return "bfloat16" if on_gpu else "float32"
-
-
-def inference_placement(on_gpu: bool | None = None) -> dict:
-    """`from_pretrained` arguments for inference: `inference_dtype`, spread over the GPUs when there are any."""
-    import torch
-
-    if on_gpu is None:
-        on_gpu = torch.cuda.is_available()
-    return {"dtype": getattr(torch, inference_dtype(on_gpu)), "device_map": "auto" if on_gpu else None}
-
-
-def load_for_inference(model_path: str, adapter_path: str | None = None, chat_template: str | None = None):
-    """(model, tokenizer) in eval mode: a model directory, optionally with a PEFT adapter on top (not merged)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer_only(adapter_path or model_path, chat_template)
-    tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, **inference_placement())
-    if adapter_path:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_path)
-    model.eval()
-    return model, tokenizer
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int = 16,
@@ -64,7 +34,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     results: list[str] = [""] * len(ids)
     new_tokens, start = 0, time.time()
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False}
     for b in tqdm(range(0, len(order), batch_size), desc=desc or "generating", unit="batch",
                   disable=desc is None and len(order) <= batch_size):
         idx = order[b : b + batch_size]
@@ -95,45 +66,14 @@ def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 
 def normalize_answer(text: str) -> str:
     """Lower-case, drop punctuation and surrounding space: 'Paris.' == ' paris' (exact-match agreement)."""
-    import re
-    import string
-
     text = text.strip().lower()
     text = text.translate(str.maketrans("", "", string.punctuation))
     return re.sub(r"\s+", " ", text).strip()
 
 
-def load_with_adapters(base: str, adapters: dict[str, str], chat_template: str | None = None):
-    """One copy of the base model with every named PEFT adapter loaded on top (switch with `use_model`)."""
-    model, tokenizer = load_for_inference(base, None, chat_template)
-    if adapters:
-        from peft import PeftModel
-
-        names = list(adapters)
-        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(adapters[name], adapter_name=name)
-        model.eval()
-    return model, tokenizer
-
-
-def use_model(model, name: str, adapters: dict):
-    """Context in which `model` acts as `name`: an adapter switched on, or the base with adapters disabled."""
-    import contextlib
-
-    if name in adapters:
-        model.set_adapter(name)
-        return contextlib.nullcontext()
-    return model.disable_adapter() if adapters else contextlib.nullcontext()
-
-
 def pick_backend(requested: str = "auto") -> str:
     """`hf` (transformers) or `vllm`: vLLM when asked for, or for `auto` when it is installed and a GPU is present."""
-    import importlib.util
-
     import torch
-
-    from .stage import UsageError
 
     has_vllm = importlib.util.find_spec("vllm") is not None
     if requested == "vllm" and not has_vllm:
@@ -145,22 +85,6 @@ def pick_backend(requested: str = "auto") -> str:
     if requested != "auto":
         raise UsageError(f"unknown generation backend '{requested}' (auto, hf, vllm)")
     return "vllm" if has_vllm and torch.cuda.is_available() else "hf"
-
-
-def split_models(models: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """{name: dir} → (PEFT adapters to put on the base, merged/full models to load on their own)."""
-    from .stage import UsageError
-
-    adapters, merged = {}, {}
-    for name, path in models.items():
-        if os.path.isfile(os.path.join(path, "adapter_config.json")):
-            adapters[name] = path
-        elif os.path.isfile(os.path.join(path, "config.json")):
-            merged[name] = path
-        else:
-            raise UsageError(f"model '{name}': {path} holds neither a PEFT adapter (adapter_config.json) "
-                             "nor a model (config.json)")
-    return adapters, merged
 
 
 class Generator:
@@ -188,7 +112,7 @@ class Generator:
             if self.backend == "hf":
                 engine, tokenizer = load_with_adapters(path, adapters, self.chat_template)
             else:
-                engine, tokenizer = self.new_vllm_engine(path, adapters), load_tokenizer_only(path, self.chat_template)
+                engine, tokenizer = self.new_vllm_engine(path, adapters), tokenizer_from(path, self.chat_template)
             self.loaded = (key, engine, tokenizer)
         return self.loaded[1], self.loaded[2]
 
@@ -201,8 +125,6 @@ class Generator:
         if self.backend == "vllm" and callable(shutdown):
             shutdown()
         del engine
-        import gc
-
         import torch
 
         gc.collect()
@@ -240,29 +162,10 @@ def vllm_generate(llm, tokenizer, prompts, *, lora, max_new_tokens, temperature,
 
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
     start = time.time()
-    outs = llm.generate(vllm_prompts(tokenizer, prompts), params, lora_request=LoRARequest(*lora) if lora else None, use_tqdm=True)
+    outs = llm.generate(vllm_prompts(tokenizer, prompts), params, lora_request=LoRARequest(*lora) if lora else None,
+                        use_tqdm=True)
     seconds = time.time() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return [o.outputs[0].text.strip() for o in outs], {
         "generated_tokens": tokens, "generation_seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0}
-
-
-def load_tokenizer_only(path: str, chat_template: str | None = None):
-    """The tokenizer of `path`, with `chat_template` (a name or a Jinja string) replacing its own when given."""
-    from transformers import AutoTokenizer
-
-    from .templates import resolve_chat_template
-
-    from .stage import UsageError
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    template = resolve_chat_template(chat_template)
-    if template is not None:
-        tokenizer.chat_template = template
-    if not tokenizer.chat_template:  # a base checkpoint: say so before any weights load, not a traceback after
-        from .templates import NAMED_TEMPLATES
-
-        raise UsageError(f"{path} has no chat template and none was given: pass --chat_template "
-                         f"({', '.join(NAMED_TEMPLATES)}, or a Jinja string)")
-    return tokenizer

@@ -1,15 +1,24 @@
-"""Models and tokenizers: hub id, local directory or GGUF file; full, LoRA or QLoRA; chat templates; saving."""
+"""Models and tokenizers, loaded one way: a hub id, a local directory or a GGUF file; full, LoRA or QLoRA for
+training; a model with its PEFT adapters for inference; saved model directories made byte-reproducible.
+
+transformers, peft and bitsandbytes are imported inside the functions that need them: `alignkit check`, `plan` and
+`launch --preflight` import this module and must answer in a second.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
-import shutil
-import socket
-import tempfile
+
+from alignkit.errors import RecipeError, UsageError
+from alignkit.templates import NAMED_TEMPLATES, resolve_chat_template
 
 logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -31,35 +40,59 @@ def trust_remote_code(recipe) -> bool:
     return bool(getattr(recipe.train, "trust_remote_code", False))
 
 
-def load_tokenizer(recipe, *, require_chat_template: bool = True):
+# ------------------------------------------------------------------------------------------------- loading
+
+def load_pretrained(path: str, *, auto_class=None, gguf_file: str | None = None, adapter: str | None = None,
+                    adapter_trainable: bool = False, **kwargs):
+    """The one `from_pretrained`: `path` (a hub id, a directory, or a directory + `gguf_file`) with `auto_class`
+    (default: a causal LM), GGUF weights made plain, and a PEFT `adapter` directory on top when given."""
+    from transformers import AutoModelForCausalLM
+
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(path, **kwargs)
+    if gguf_file:
+        drop_gguf_quantizer(model)
+    if adapter:
+        from peft import PeftModel
+
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise FileNotFoundError(f"no PEFT adapter (adapter_config.json) in {adapter}")
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=adapter_trainable)
+    return model
+
+
+def tokenizer_from(path: str, chat_template: str | None = None, *, require_chat_template: bool = True,
+                   missing_template: str = "and none was given: pass --chat_template", error=UsageError,
+                   pad_with_eos: bool = True, **kwargs):
+    """The tokenizer of `path` with `chat_template` (a name or a Jinja string) replacing its own when given, and a
+    pad token (EOS when it has none, unless `pad_with_eos` is off: a tokenizer saved as it came). A model without a
+    chat template, where one is needed, is refused before any weights load, with `missing_template` saying how to
+    give one."""
     from transformers import AutoTokenizer
 
-    from .templates import resolve_chat_template
-
-    model_args, extras = recipe.model, recipe.extras
-    path, kwargs = model_location(model_args.model_name_or_path, extras.gguf_file)
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if os.path.isdir(path) and not kwargs and not any(os.path.exists(os.path.join(path, f)) for f in tokenizer_files):
-        from .config import RecipeError
-
-        raise RecipeError(f"{path} has no tokenizer ({', '.join(tokenizer_files)}); save the tokenizer with the "
-                          "model (tokenizer.save_pretrained) or point model_name_or_path at a directory that has one")
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, revision=model_args.model_revision, trust_remote_code=trust_remote_code(recipe), **kwargs
-    )
-    template = resolve_chat_template(extras.chat_template)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    template = resolve_chat_template(chat_template)
     if template is not None:
         tokenizer.chat_template = template
     if require_chat_template and not tokenizer.chat_template:
-        from .config import RecipeError
-
-        raise RecipeError(
-            f"{model_args.model_name_or_path} has no chat template and the recipe sets none; "
-            "set chat_template: (e.g. zephyr or chatml)"
-        )
-    if tokenizer.pad_token is None:
+        raise error(f"{path} has no chat template {missing_template} ({', '.join(NAMED_TEMPLATES)}, or a Jinja "
+                    "string)")
+    if pad_with_eos and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_tokenizer(recipe, *, require_chat_template: bool = True):
+    """A training stage's tokenizer: the recipe's model, revision and chat template."""
+    model_args, own = recipe.model, recipe.alignkit
+    path, kwargs = model_location(model_args.model_name_or_path, own.gguf_file)
+    if os.path.isdir(path) and not kwargs and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise RecipeError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer with the "
+                          "model (tokenizer.save_pretrained) or point model_name_or_path at a directory that has one")
+    return tokenizer_from(path, own.chat_template, require_chat_template=require_chat_template,
+                          missing_template="and the recipe sets none; set chat_template:", error=RecipeError,
+                          revision=model_args.model_revision, trust_remote_code=trust_remote_code(recipe), **kwargs)
 
 
 def deepspeed_enabled(train_args) -> bool:
@@ -89,7 +122,7 @@ def torch_dtype(recipe, *, trains_all_weights: bool = False):
     return getattr(torch, DTYPES[name])
 
 
-def quantization_config(model_args, extras, train_args):
+def quantization_config(model_args, own, train_args):
     """bitsandbytes config for QLoRA (nf4 + double quantisation by default) or 8-bit, else None."""
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
         return None
@@ -98,7 +131,7 @@ def quantization_config(model_args, extras, train_args):
 
     if model_args.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = extras.bnb_4bit_compute_dtype or ("bfloat16" if train_args.bf16 else "float32")
+    compute = own.bnb_4bit_compute_dtype or ("bfloat16" if train_args.bf16 else "float32")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
@@ -129,34 +162,30 @@ def lora_config(model_args, task_type: str = "CAUSAL_LM"):
 
 def load_model(recipe, tokenizer, *, auto_class=None, **model_kwargs):
     """Load the base model (and the starting adapter, if any) ready for a TRL trainer."""
-    from transformers import AutoModelForCausalLM
-
-    model_args, extras, train_args = recipe.model, recipe.extras, recipe.train
-    auto_class = auto_class or AutoModelForCausalLM
-    path, kwargs = model_location(model_args.model_name_or_path, extras.gguf_file)
-    quant = quantization_config(model_args, extras, train_args)
+    model_args, own, train_args = recipe.model, recipe.alignkit, recipe.train
+    path, kwargs = model_location(model_args.model_name_or_path, own.gguf_file)
+    quant = quantization_config(model_args, own, train_args)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    model = auto_class.from_pretrained(
+    if own.adapter_path and not os.path.isfile(os.path.join(own.adapter_path, "adapter_config.json")):
+        raise FileNotFoundError(f"adapter_path: no adapter_config.json in {own.adapter_path}")
+    model = load_pretrained(
         path,
+        auto_class=auto_class,
         revision=model_args.model_revision,
         trust_remote_code=trust_remote_code(recipe),
-        dtype=torch_dtype(recipe, trains_all_weights=not (model_args.use_peft or extras.adapter_path)),
+        dtype=torch_dtype(recipe, trains_all_weights=not (model_args.use_peft or own.adapter_path)),
         attn_implementation=model_args.attn_implementation or "sdpa",
         **kwargs,
         **model_kwargs,
     )
-    if "gguf_file" in kwargs:
-        _drop_gguf_quantizer(model)
     if quant is not None and getattr(quant, "load_in_4bit", False):
         check_cpu_4bit_packing(model)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if extras.adapter_path:
+    if own.adapter_path:
         from peft import PeftModel
 
-        if not os.path.isfile(os.path.join(extras.adapter_path, "adapter_config.json")):
-            raise FileNotFoundError(f"adapter_path: no adapter_config.json in {extras.adapter_path}")
-        model = PeftModel.from_pretrained(model, extras.adapter_path, is_trainable=True)
+        model = PeftModel.from_pretrained(model, own.adapter_path, is_trainable=True)
     return model
 
 
@@ -177,15 +206,13 @@ def check_cpu_4bit_packing(model, packs: bool | None = None) -> None:
     for name, m in linear4:
         block = m.weight.quant_state.blocksize if m.weight.quant_state is not None else 64
         if m.out_features % 32 or m.in_features % block:
-            from .config import RecipeError
-
             raise RecipeError(
                 f"load_in_4bit on this CPU (AVX-512 BF16): bitsandbytes packs 4-bit weights for its CPU kernel and "
                 f"needs out-features divisible by 32 and in-features by {block}; layer {name} is "
                 f"{m.in_features} -> {m.out_features}. Use a model with such layer sizes, or a GPU")
 
 
-def _drop_gguf_quantizer(model) -> None:
+def drop_gguf_quantizer(model) -> None:
     # transformers dequantises GGUF weights on load but keeps the quantizer, which then refuses to save
     # ("quantized with gguf and is not serializable"). The weights are plain tensors: drop the marker.
     model.hf_quantizer = None
@@ -194,96 +221,79 @@ def _drop_gguf_quantizer(model) -> None:
     model.is_quantized = False
 
 
-def _temporary_prefix(name: str, kind: str) -> str:
-    # host and pid in the name, so a rerun can tell a dead run's leftovers from a live writer's
-    return f".{name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+# ----------------------------------------------------------------------------------------------- inference
+
+def inference_dtype(on_gpu: bool | None = None) -> str:
+    """The dtype models are loaded in for inference, named explicitly (a checkpoint's own `torch_dtype` may be
+    float32: a 33B model then needs 130 GB): bfloat16 on a GPU, float32 on a CPU (bf16 there is up to 10x slower,
+    and fp32 keeps CPU results the same on every instruction set)."""
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    return "bfloat16" if on_gpu else "float32"
 
 
-def remove_stale_temporaries(parent: str, name: str) -> list[str]:
-    """Remove the `.<name>.tmp-*` / `.<name>.old-*` siblings that killed runs of this output left behind (for a
-    merged 7B model, gigabytes per kill): those of a process on this host that is gone, the shared one of a
-    multi-process save, and unnamed ones from before writers named themselves. Returns what was removed."""
-    removed = []
-    if not os.path.isdir(parent):
-        return removed
-    host = socket.gethostname()
-    for entry in os.listdir(parent):
-        for kind in ("tmp", "old"):
-            prefix = f".{name}.{kind}-"
-            if not entry.startswith(prefix):
-                continue
-            rest = entry[len(prefix):]
-            parts = rest.rsplit("-", 2)
-            if len(parts) == 3 and parts[1].isdigit():
-                if parts[0] != host or _alive(int(parts[1])):
-                    continue  # another host's, or a live writer's
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-            removed.append(entry)
-    if removed:
-        logger.info("removed %d temporary director%s a killed run left beside %s: %s", len(removed),
-                    "y" if len(removed) == 1 else "ies", name, ", ".join(sorted(removed)))
-    return removed
+def inference_placement(on_gpu: bool | None = None) -> dict:
+    """`from_pretrained` arguments for inference: `inference_dtype`, spread over the GPUs when there are any."""
+    import torch
+
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+    return {"dtype": getattr(torch, inference_dtype(on_gpu)), "device_map": "auto" if on_gpu else None}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def load_for_inference(model_path: str, adapter_path: str | None = None, chat_template: str | None = None):
+    """(model, tokenizer) in eval mode: a model directory, optionally with a PEFT adapter on top (not merged)."""
+    tokenizer = tokenizer_from(adapter_path or model_path, chat_template)
+    tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
+    model = load_pretrained(model_path, adapter=adapter_path, **inference_placement())
+    model.eval()
+    return model, tokenizer
 
 
-@contextlib.contextmanager
-def atomic_output(final_dir: str, *, main: bool = True, barrier=None):
-    """Yield a temporary sibling directory; rename it to `final_dir` only if the block finishes.
+def load_with_adapters(base: str, adapters: dict[str, str], chat_template: str | None = None):
+    """One copy of the base model with every named PEFT adapter loaded on top (switch with `use_model`)."""
+    model, tokenizer = load_for_inference(base, None, chat_template)
+    if adapters:
+        from peft import PeftModel
 
-    A crash (or kill) leaves at most a `.<name>.tmp-*` directory, never a half-written `final_dir`
-    that DVC would take as complete. In a multi-process run pass `barrier` (every rank calls this, since
-    ZeRO-3 gathers the weights from all ranks to save them): the ranks share one temporary directory, the
-    main process creates and renames it.
-    """
-    final_dir = os.path.abspath(final_dir)
-    parent, name = os.path.split(final_dir)
-    if main:
-        remove_stale_temporaries(parent, name)
-    if barrier is None:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=_temporary_prefix(name, "tmp"), dir=parent)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-    else:
-        tmp = os.path.join(parent, f".{name}.tmp-shared")
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        barrier()
-    try:
-        yield tmp
-    except BaseException:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if barrier is not None:
-        barrier()  # every rank has written its part
-    if main:
-        old = None
-        if os.path.exists(final_dir):
-            old = tempfile.mkdtemp(prefix=_temporary_prefix(name, "old"), dir=parent)
-            os.rename(final_dir, os.path.join(old, name))
-        os.rename(tmp, final_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    if barrier is not None:
-        barrier()
+        names = list(adapters)
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+        model.eval()
+    return model, tokenizer
 
+
+def use_model(model, name: str, adapters: dict):
+    """Context in which `model` acts as `name`: an adapter switched on, or the base with adapters disabled."""
+    if name in adapters:
+        model.set_adapter(name)
+        return contextlib.nullcontext()
+    return model.disable_adapter() if adapters else contextlib.nullcontext()
+
+
+def split_models(models: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """{name: dir} → (PEFT adapters to put on the base, merged/full models to load on their own)."""
+    adapters, merged = {}, {}
+    for name, path in models.items():
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            adapters[name] = path
+        elif os.path.isfile(os.path.join(path, "config.json")):
+            merged[name] = path
+        else:
+            raise UsageError(f"model '{name}': {path} holds neither a PEFT adapter (adapter_config.json) "
+                             "nor a model (config.json)")
+    return adapters, merged
+
+
+# ------------------------------------------------------------------------------------------- saved models
 
 def normalize_saved_configs(out_dir: str) -> None:
     """Make saved JSON configs independent of the process that wrote them, so reruns are byte-identical:
     PEFT stores `target_modules` from a set (order follows the per-process string hash seed), and
     tokenizers record `local_files_only`, which follows HF_HUB_OFFLINE."""
-    import json
-
     for name, fix in (("adapter_config.json", _sort_target_modules), ("tokenizer_config.json", _drop_run_flags)):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):
@@ -303,118 +313,3 @@ def _sort_target_modules(data: dict) -> None:
 
 def _drop_run_flags(data: dict) -> None:
     data.pop("local_files_only", None)
-
-
-def save_trained(trainer, tokenizer, out_dir: str, merge_into=None) -> None:
-    """Save the model (or adapter) as safetensors plus the tokenizer, then check what was written. Every rank calls
-    this (ZeRO-3 and FSDP gather the weights from all of them); the main process writes. `merge_into(out_dir)`, when
-    given, writes the adapter merged into its base under merged/ (see merge_saved_adapter)."""
-    model = trainer.model
-    main = trainer.args.should_save
-    if hasattr(model, "peft_config") and len(model.peft_config) > 1:
-        # DPO from an SFT adapter adds a frozen "ref" copy of it; only the trained adapter is the result.
-        if main:
-            model.save_pretrained(out_dir, selected_adapters=["default"])
-    else:
-        trainer.save_model(out_dir)  # safetensors (transformers 5 always saves safetensors)
-    if not main:
-        return
-    tokenizer.save_pretrained(out_dir)
-    normalize_saved_configs(out_dir)
-    verify_saved(out_dir, expected_shapes(model))
-    if merge_into is not None:  # (config.validate refuses merge_adapter without an adapter)
-        merge_into(out_dir)
-
-
-class SaveError(RuntimeError):
-    """What was saved is not the model that was trained (missing, empty or mis-shaped tensors)."""
-
-
-def _saved_name(name: str) -> str:
-    """A parameter's or saved tensor's name without wrapper prefixes and PEFT's adapter name, so the two compare."""
-    for prefix in ("module.", "base_model.model.", "_orig_mod."):
-        name = name.removeprefix(prefix)
-    name = name.replace(".default.", ".").replace(".modules_to_save.", ".")  # PEFT saves a module_to_save as itself
-    return name.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
-
-
-def expected_shapes(model) -> dict[str, tuple]:
-    """{saved name: full shape} of what a save must contain: the trainable parameters of a PEFT model (its adapter),
-    every parameter of a full one. Sharded parameters report their full shape (ZeRO-3: `ds_shape`; FSDP2's
-    DTensors: `shape`), so this needs no gather."""
-    peft = hasattr(model, "peft_config")
-    shapes = {}
-    for name, p in model.named_parameters():
-        if peft and (not p.requires_grad or ".ref." in name):
-            continue
-        shapes[_saved_name(name)] = tuple(getattr(p, "ds_shape", None) or p.shape)
-    return shapes
-
-
-def verify_saved(out_dir: str, expected: dict[str, tuple]) -> None:
-    """Read back every tensor's shape (no data) from the safetensors files in `out_dir` and compare them with the
-    model's: a main-process save of partitioned parameters writes (0,)-shaped tensors, a sharded-state-dict save
-    none at all, and both otherwise pass for success."""
-    from safetensors import safe_open
-
-    files = sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors"))
-    if not files:
-        raise SaveError(f"no weights were written to {out_dir} (no .safetensors file): with FSDP use "
-                        "fsdp_state_dict_type: FULL_STATE_DICT; with ZeRO-3 zero3_save_16bit_model: true")
-    saved = {}
-    for name in files:
-        with safe_open(os.path.join(out_dir, name), "pt") as f:
-            saved.update({_saved_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    empty = [k for k, shape in saved.items() if 0 in shape]
-    wrong = [f"{k} {saved[k]} (model {expected[k]})" for k in saved if k in expected and saved[k] != expected[k]]
-    missing = [k for k in expected if k not in saved and not k.endswith("lm_head.weight")]  # tied heads are not saved
-    if empty or wrong or missing:
-        detail = "; ".join(filter(None, [
-            f"{len(empty)} empty tensors, e.g. {empty[0]}" if empty else "",
-            f"{len(wrong)} mis-shaped, e.g. {wrong[0]}" if wrong else "",
-            f"{len(missing)} missing, e.g. {missing[0]}" if missing else ""]))
-        raise SaveError(f"the weights saved to {out_dir} are not the trained model's: {detail}. Under ZeRO-3 or FSDP "
-                        "every rank must take part in the save (nothing was put at the output path)")
-
-
-def merge_saved_adapter(recipe, tokenizer, out_dir: str) -> None:
-    """Write `out_dir`/merged: the base model as the recipe names it, loaded afresh on the CPU in the compute dtype
-    (not quantised: a QLoRA adapter merges into bf16 weights, as the handbook does), with the adapter saved in
-    `out_dir` merged in. From disk, not from the trained model in memory, so it is the same under DDP, ZeRO-3 (whose
-    in-memory parameters are partitions) and FSDP, and never merges into 4-bit weights. In a fresh interpreter: in
-    a ZeRO-3 process transformers would load the base partitioned, a collective the other ranks never join."""
-    import json
-    import subprocess
-    import sys
-
-    import torch
-
-    path, kwargs = model_location(recipe.model.model_name_or_path, recipe.extras.gguf_file)
-    dtype = torch_dtype(recipe)
-    if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
-        dtype = getattr(torch, DTYPES[recipe.extras.bnb_4bit_compute_dtype or
-                                      ("bfloat16" if recipe.train.bf16 else "float32")])
-    job = {"base": path, "kwargs": {"revision": recipe.model.model_revision, "dtype": str(dtype).split(".")[-1],
-                                    "trust_remote_code": trust_remote_code(recipe), **kwargs},
-           "adapter": out_dir, "target": os.path.join(out_dir, "merged")}
-    code = "import json, sys; from alignkit import models; models.merge_adapter_files(**json.loads(sys.argv[1]))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SaveError(f"merge_adapter: merging {out_dir} into {path} failed: {done.stderr.strip()[-2000:]}")
-    tokenizer.save_pretrained(job["target"])
-    normalize_saved_configs(job["target"])
-
-
-def merge_adapter_files(base: str, kwargs: dict, adapter: str, target: str) -> None:
-    """The adapter in `adapter` merged into the model `base` (on the CPU), saved to `target` and checked."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {**kwargs, "dtype": getattr(torch, kwargs["dtype"])}
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    if "gguf_file" in kwargs:
-        _drop_gguf_quantizer(model)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    merged.save_pretrained(target)
-    verify_saved(target, expected_shapes(merged))

@@ -2,7 +2,7 @@
 with a commit (HEAD by default) and lists every difference with its size.
 
     make verify                      # after make demo (or any dvc repro)
-    python -m alignkit.verify [--against REV] [PATH ...]
+    alignkit verify [--against REV] [PATH ...]
 
 Exit status 0: everything identical; 1: differences (listed); 2: not a git checkout or a bad revision.
 """
@@ -16,11 +16,11 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import yaml
 
-from .stage import UsageError, run_cli
+from alignkit.command import run_cli
+from alignkit.errors import UsageError
 
 DEFAULT_PATHS = ["dvc.lock", "pipelines", "metrics", "reports"]
 SHOWN = 12  # differences listed per file
@@ -168,7 +168,3 @@ def run(argv: list[str]) -> int:
 
 def main(argv=None) -> int:
     return run_cli("verify", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

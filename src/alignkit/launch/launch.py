@@ -1,7 +1,7 @@
 """`launch`: run a training stage on every GPU of this machine (or of a Slurm allocation) with accelerate.
 
-    python -m alignkit.launch dpo --config recipes/zephyr-7b-beta/dpo.yaml --accelerate_config recipes/accelerate/zero3.yaml
-    python -m alignkit.launch --preflight recipes/zephyr-7b-beta/sft.yaml recipes/zephyr-7b-beta/dpo.yaml
+    alignkit launch dpo --config recipes/zephyr-7b-beta/dpo.yaml --accelerate_config recipes/accelerate/zero3.yaml
+    alignkit launch --preflight recipes/zephyr-7b-beta/sft.yaml recipes/zephyr-7b-beta/dpo.yaml
 
 Before anything is loaded: the recipe is validated, the GPUs are counted (a GPU recipe on a machine without
 them is refused), and the recipe's `global_batch_size` is checked against world size × per-device batch, so
@@ -17,56 +17,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
+import signal
 import subprocess
 import sys
 
-from .stage import UsageError, run_cli
-
-
-def gpus_here() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def gpu_gib() -> float:
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory / 2**30
-
-
-def preflight(stage: str, recipe_path: str, overrides: list[str], *, world: int, gpus: int):
-    """Validate `recipe_path` for a run of `world` processes on machines with `gpus` GPUs each; return the
-    recipe (with gradient accumulation derived for that world size)."""
-    import importlib
-
-    from .cli import STAGES
-    from .config import RecipeError, derive_accumulation, needs_gpu
-
-    if stage not in STAGES:
-        raise UsageError(f"unknown stage '{stage}' (one of: {', '.join(STAGES)})")
-    recipe = importlib.import_module(STAGES[stage]).SPEC.parse(["--config", recipe_path, *overrides], for_check=True)
-    if needs_gpu(recipe) and gpus == 0:
-        raise RecipeError(f"{recipe_path}: this recipe needs CUDA GPUs and this machine has none; nothing was "
-                          "loaded. Run it on a GPU host (make train-*, sbatch slurm/<stage>.sh, docker run --gpus all)")
-    if recipe.extras.global_batch_size is not None:
-        def fail(msg):
-            raise RecipeError(f"{recipe_path}: {msg}")
-
-        derive_accumulation(recipe, world, fail)
-    return recipe
+from alignkit.architecture import architecture
+from alignkit.command import run_cli
+from alignkit.errors import REQUEUE_EXIT, RecipeError, UsageError
+from alignkit.launch.plan import estimate
+from alignkit.launch.preflight import (
+    check_launch,
+    default_accelerate_config,
+    gpu_gib,
+    gpus_here,
+    preflight,
+    read_accelerate_config,
+    zero_stage,
+)
+from alignkit.train import stage_module, stage_of
 
 
 def check_fits(stage: str, recipe, recipe_path: str, *, world: int, accelerate_config: str | None,
                device_gib: float, force: bool) -> dict:
     """Refuse a run that `alignkit plan` predicts will not fit in `device_gib` per GPU, unless forced."""
-    from .config import RecipeError
-    from .plan import architecture, estimate, zero_stage
-
     zero, fsdp = zero_stage(accelerate_config)
-    est = estimate(recipe, stage, architecture(recipe.model.model_name_or_path, recipe.extras.gguf_file, recipe_path),
+    est = estimate(recipe, stage, architecture(recipe.model.model_name_or_path, recipe.alignkit.gguf_file, recipe_path),
                    world=world, device="cuda", zero=zero, fsdp=bool(fsdp))
     if est["peak_gib"] > device_gib * 0.95 and not force:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in est["parts_gib"].items() if v)
@@ -76,75 +52,14 @@ def check_fits(stage: str, recipe, recipe_path: str, *, world: int, accelerate_c
     return est
 
 
-ACCELERATE_CONFIGS = "recipes/accelerate"
-
-
-def default_accelerate_config(recipe, gpus: int) -> str:
-    """The accelerate config a recipe runs under unless one is named: data parallel for LoRA and QLoRA (the frozen
-    base fits each GPU; 4-bit weights cannot be sharded here), ZeRO-3 for full-parameter training (a 7B model's
-    fp32 masters, gradients and Adam states do not fit one GPU). On a machine without GPUs, the same on 2 CPU
-    processes (ddp-cpu.yaml, zero3-cpu.yaml): the CPU twins run the multi-process path GPU users take."""
-    lora = recipe.model.use_peft or recipe.extras.adapter_path
-    return os.path.join(ACCELERATE_CONFIGS, ("ddp" if lora else "zero3") + ("" if gpus else "-cpu") + ".yaml")
-
-
-def read_accelerate_config(path: str) -> dict:
-    import yaml
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"accelerate config not found: {path}")
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    if not isinstance(config, dict) or "distributed_type" not in config:
-        raise UsageError(f"{path}: not an accelerate config (no distributed_type)")
-    return config
-
-
-def accelerate_config_problems(config: dict) -> list[str]:
-    """What in an accelerate config makes the final save write no (or empty) weights."""
-    problems = []
-    kind = config.get("distributed_type")
-    fsdp, ds = config.get("fsdp_config") or {}, config.get("deepspeed_config") or {}
-    if kind == "FSDP" and fsdp.get("fsdp_state_dict_type", "FULL_STATE_DICT") != "FULL_STATE_DICT":
-        problems.append(f"fsdp_state_dict_type {fsdp['fsdp_state_dict_type']}: Trainer.save_model writes no weights "
-                        "with it; use FULL_STATE_DICT")
-    if kind == "DEEPSPEED" and ds.get("deepspeed_config_file"):
-        from .plan import zero_stage_of
-
-        with open(ds["deepspeed_config_file"]) as f:
-            zero = json.load(f).get("zero_optimization", {})
-        if zero_stage_of(config)[0] == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
-            problems.append(f"{ds['deepspeed_config_file']}: ZeRO-3 without stage3_gather_16bit_weights_on_model_save: "
-                            "true: the final save holds no gathered weights")
-    elif kind == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3 and not ds.get("zero3_save_16bit_model"):
-        problems.append("ZeRO-3 without zero3_save_16bit_model: true: the final save holds no gathered weights")
-    return problems
-
-
-def check_launch(recipe, recipe_path: str, config_path: str, config: dict) -> None:
-    """Refuse a recipe/accelerate-config pair that cannot work, before anything loads."""
-    from .config import RecipeError
-
-    from .plan import zero_stage_of
-
-    problems = accelerate_config_problems(config)
-    sharded = zero_stage_of(config)[0] == 3  # ZeRO-3, or FSDP full shard
-    if sharded and (recipe.model.load_in_4bit or recipe.model.load_in_8bit):
-        problems.append("QLoRA (load_in_4bit/8bit) under ZeRO-3 or FSDP: 4-bit weights cannot be sharded without "
-                        "bnb_4bit_quant_storage, which alignkit does not set; use recipes/accelerate/ddp.yaml or "
-                        "zero2.yaml")
-    if problems:
-        raise RecipeError(f"{recipe_path} with {config_path}: " + "; ".join(problems))
-
-
 def accelerate_command(stage: str, recipe_path: str, overrides: list[str], *, config: str, world: int,
                        machines: int, rank: int, address: str | None, port: int) -> list[str]:
     # `accelerate launch` of this interpreter's environment, whether or not its bin/ is on PATH
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", str(world), "--num_machines", str(machines),
-           "--machine_rank", str(rank)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", str(world),
+           "--num_machines", str(machines), "--machine_rank", str(rank)]
     if machines > 1:
         cmd += ["--main_process_ip", address or "127.0.0.1", "--main_process_port", str(port)]
-    return cmd + ["-m", f"alignkit.{stage}", "--config", recipe_path, *overrides]
+    return cmd + ["-m", "alignkit", stage, "--config", recipe_path, *overrides]
 
 
 def run(argv: list[str]) -> int:
@@ -165,8 +80,6 @@ def run(argv: list[str]) -> int:
 
     gpus = gpus_here()
     if args.preflight is not None:
-        from .cli import stage_of
-
         for path in args.preflight:
             stage = stage_of(path)
             recipe = preflight(stage, path, [], world=args.num_machines * max(gpus, 1), gpus=gpus)
@@ -190,11 +103,7 @@ def run(argv: list[str]) -> int:
         check_fits(args.stage, recipe, args.config, world=world, accelerate_config=config_path,
                    device_gib=gpu_gib(), force=args.force)
     elif world == 1:  # a CPU twin on one process: no launcher
-        import importlib
-
-        from .cli import STAGES
-
-        return importlib.import_module(STAGES[args.stage]).main(["--config", args.config, *overrides])
+        return stage_module(args.stage).main(["--config", args.config, *overrides])
     cmd = accelerate_command(args.stage, args.config, overrides, config=config_path, world=world,
                              machines=args.num_machines, rank=args.machine_rank, address=args.main_process_ip,
                              port=args.main_process_port)
@@ -210,10 +119,6 @@ def run_forwarding_signals(cmd: list[str]) -> int:
     USR1 kills it and orphans the workers — and on TERM it SIGKILLs the workers 30 s later, too soon for a 7B
     checkpoint. The workers checkpoint after the current step and exit 75; the agent, never signalled, waits for
     them, and this process then exits 75 (requeue) instead of the agent's generic failure."""
-    import signal
-
-    from .reliability import REQUEUE_EXIT
-
     child, received = subprocess.Popen(cmd), []
 
     def forward(signum, frame):
@@ -243,7 +148,3 @@ def worker_pids(launcher_pid: int) -> list[int]:
 
 def main(argv=None) -> int:
     return run_cli("launch", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

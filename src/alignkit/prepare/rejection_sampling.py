@@ -1,7 +1,7 @@
 """Rejection-sampling stage: N completions per prompt from a policy, scored by a reward model; writes a
 best-of-N SFT set and best-vs-worst DPO pairs, keeping every score.
 
-    python -m alignkit.rejection_sampling --policy build/models/base --reward_model build/models/reward \
+    alignkit rejection_sampling --policy build/models/base --reward_model build/models/reward \
         --prompts data/smol/dpo_prompts.jsonl --n 4 --temperature 0.8 --top_p 0.95 --out build/rs
 
 Work is done in shards of `--shard_size` prompts, each written atomically to `<out>/shards/`; a rerun after a
@@ -21,10 +21,22 @@ import argparse
 import json
 import logging
 import os
-import sys
 from typing import Callable
 
-from .stage import run_cli
+from alignkit.artifacts import manifest, write_json, write_manifest
+from alignkit.command import run_cli
+from alignkit.data import (
+    CONVERSATION,
+    PREFERENCE,
+    detect_format,
+    load_source_rows,
+    normalize_rows,
+    read_jsonl,
+    write_jsonl,
+)
+from alignkit.errors import DataError
+from alignkit.generation import generate
+from alignkit.models import inference_placement, load_for_inference, load_pretrained, tokenizer_from
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +49,16 @@ class RewardModelScorer:
     def __init__(self, path: str, chat_template: str | None = None, batch_size: int = 16, on_gpu: bool | None = None):
         from transformers import AutoModelForSequenceClassification
 
-        from .generation import inference_placement, load_tokenizer_only
-
         # on the GPU when there is one (bf16), as the policy that samples: scoring N completions per prompt on the
         # CPU beside a GPU would take longer than sampling them
         placement = inference_placement(on_gpu)
-        if os.path.isfile(os.path.join(path, "adapter_config.json")):
-            from peft import AutoPeftModelForSequenceClassification
-
-            model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, **placement)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **placement)
-        self.tokenizer = load_tokenizer_only(path, chat_template)
+        base, adapter = path, None
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):  # a LoRA reward model: its base, then it
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                base, adapter = json.load(f)["base_model_name_or_path"], path
+        model = load_pretrained(base, auto_class=AutoModelForSequenceClassification, adapter=adapter, num_labels=1,
+                                **placement)
+        self.tokenizer = tokenizer_from(path, chat_template)
         self.tokenizer.padding_side = "right"
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model, self.batch_size = model.eval(), batch_size
@@ -99,13 +109,9 @@ def run_shards(prompts: list[list[dict]], *, n: int, shard_size: int, out_dir: s
         expanded = [p for p in shard for _ in range(n)]
         completions, stats = sample(expanded, k)
         scores = score(expanded, completions)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            for i, prompt in enumerate(shard):
-                row = {"prompt": prompt, "completions": completions[i * n:(i + 1) * n],
-                       "scores": scores[i * n:(i + 1) * n]}
-                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-        os.replace(tmp, path)  # a shard is either complete on disk or absent
+        write_jsonl([{"prompt": prompt, "completions": completions[i * n:(i + 1) * n],
+                      "scores": scores[i * n:(i + 1) * n]} for i, prompt in enumerate(shard)],
+                    path)  # atomically: a shard is either complete on disk or absent
         ran += 1
         tokens += stats["generated_tokens"]
         seconds += stats["generation_seconds"]
@@ -118,18 +124,14 @@ def collect(out_dir: str, n_shards: int) -> dict:
     """Merge shards into samples.jsonl, sft.jsonl and dpo.jsonl; return counts and score summaries."""
     samples, sft_rows, pairs = [], [], []
     for k in range(n_shards):
-        with open(os.path.join(out_dir, "shards", f"shard-{k:05d}.jsonl")) as f:
-            samples.extend(json.loads(line) for line in f if line.strip())
+        samples.extend(read_jsonl(os.path.join(out_dir, "shards", f"shard-{k:05d}.jsonl")))
     for s in samples:
         sft_row, pair = select(s["prompt"], s["completions"], s["scores"])
         sft_rows.append(sft_row)
         if pair is not None:
             pairs.append(pair)
     for name, rows in (("samples", samples), ("sft", sft_rows), ("dpo", pairs)):
-        with open(os.path.join(out_dir, f"{name}.jsonl.tmp"), "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-        os.replace(os.path.join(out_dir, f"{name}.jsonl.tmp"), os.path.join(out_dir, f"{name}.jsonl"))
+        write_jsonl(rows, os.path.join(out_dir, f"{name}.jsonl"))
     mean = lambda xs: round(sum(xs) / len(xs), 6) if xs else None  # noqa: E731
     return {"prompts": len(samples), "sft_rows": len(sft_rows), "dpo_pairs": len(pairs),
             "pairs_dropped_all_equal": len(samples) - len(pairs),
@@ -160,9 +162,6 @@ def run(argv: list[str]) -> int:
     if args.temperature <= 0:
         p.error("--temperature must be > 0: greedy decoding gives N identical completions")
 
-    from .data import load_source_rows
-    from .generation import generate, load_for_inference
-
     prompts = prompt_turns(*load_source_rows(args.prompts))
     policy, tokenizer = load_for_inference(args.policy, args.policy_adapter, args.chat_template)
     scorer = RewardModelScorer(args.reward_model, args.chat_template, args.batch_size)
@@ -175,10 +174,7 @@ def run(argv: list[str]) -> int:
                            score=scorer)
     stats = {**collect(args.out, gen_stats["shards"]), "shards": gen_stats["shards"], "n": args.n,
              "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-    with open(os.path.join(args.out, "stats.json"), "w") as f:
-        json.dump(stats, f, indent=2, sort_keys=True)
-    from .reliability import manifest, write_manifest
-
+    write_json(os.path.join(args.out, "stats.json"), stats, sort_keys=True)
     write_manifest(args.out, manifest("rejection_sampling", inputs={
         "policy": args.policy, "reward_model": args.reward_model, "prompts": args.prompts},
         config={k: v for k, v in vars(args).items() if k != "metrics"}, seed=args.seed))
@@ -186,17 +182,13 @@ def run(argv: list[str]) -> int:
     # depend on the machine and on what was killed before, so they go to the log only.
     metrics = stats
     if args.metrics:
-        os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)
-        with open(args.metrics, "w") as f:
-            json.dump(metrics, f, indent=2, sort_keys=True)
+        write_json(args.metrics, metrics, sort_keys=True)
     print(json.dumps({**metrics, **gen_stats}))
     return 0
 
 
 def prompt_turns(label: str, rows: list) -> list[list[dict]]:
     """The prompt turns of each row: prompt-only rows, conversations (answer dropped) or preference pairs."""
-    from .data import CONVERSATION, PREFERENCE, DataError, detect_format, normalize_rows
-
     if rows and isinstance(rows[0], dict) and set(rows[0]) & {"prompt", "messages", "chosen"} == {"prompt"} \
             and "completion" not in rows[0]:
         rows = [{**r, "completion": "-"} for r in rows]  # prompt-only: a placeholder answer, dropped below
@@ -210,7 +202,3 @@ def prompt_turns(label: str, rows: list) -> list[list[dict]]:
 
 def main(argv=None) -> int:
     return run_cli("rejection_sampling", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Reward-model stage: a scalar head trained on preference pairs (TRL's RewardTrainer, Bradley-Terry loss).
 
-    python -m alignkit.reward --config recipes/smol/reward.yaml [--key value ...]
+    alignkit reward --config recipes/smol/reward.yaml [--key value ...]
 
 Data: any preference format. Model: AutoModelForSequenceClassification with one label; LoRA task SEQ_CLS
 (the score head is trained in full alongside the adapter). Metrics: held-out pairwise accuracy and mean margin.
@@ -8,8 +8,8 @@ Data: any preference format. Model: AutoModelForSequenceClassification with one 
 
 from __future__ import annotations
 
-from .data import PREFERENCE
-from .stage import StageSpec
+from alignkit.data import PREFERENCE
+from alignkit.train.stage import StageSpec
 
 
 def reward_model_metrics(evaluation: dict) -> dict:
@@ -27,6 +27,3 @@ SPEC = StageSpec(
     metrics=reward_model_metrics,
 )
 train, main = SPEC.train, SPEC.main
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """`report` stage: one markdown page with the base/SFT/DPO metrics table and before/after generations.
 
-    python -m alignkit.report --evaluate metrics/evaluate.json --stages metrics/sft.json metrics/dpo.json \
+    alignkit report --evaluate metrics/evaluate.json --stages metrics/sft.json metrics/dpo.json \
         --generations build/eval/generations.jsonl --out reports/smol.md
 """
 
@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from .stage import UsageError, run_cli
+from alignkit.artifacts import write_text
+from alignkit.command import run_cli
+from alignkit.data import read_jsonl
+from alignkit.errors import UsageError
 
 ROWS = [
     ("task_agreement", "task agreement (greedy answer == reference)"),
@@ -167,21 +169,14 @@ def run(argv: list[str]) -> int:
     for path in args.stages:
         with open(path) as f:
             stages[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
-    generations = [json.loads(line) for line in open(args.generations) if line.strip()] if args.generations else []
+    generations = read_jsonl(args.generations) if args.generations else []
     extra = {key: json.load(open(getattr(args, key))) if getattr(args, key) else None
              for key in ("mtbench", "lmeval", "alpacaeval")}
     text = render(evaluation, stages, generations, args.examples, args.title, args.intro, **extra)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(args.out + ".tmp", args.out)
+    write_text(args.out, text)
     print(f"report: {args.out}")
     return 0
 
 
 def main(argv=None) -> int:
     return run_cli("report", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

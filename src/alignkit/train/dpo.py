@@ -1,6 +1,6 @@
 """DPO stage: direct preference optimisation with TRL's DPOTrainer.
 
-    python -m alignkit.dpo --config recipes/smol/dpo.yaml [--key value ...]
+    alignkit dpo --config recipes/smol/dpo.yaml [--key value ...]
 
 Data: preference pairs in any format the data module recognises. Every TRL DPO loss (`loss_type`, several
 combined with `loss_weights`). Metrics add held-out implicit-reward accuracy and margin.
@@ -8,8 +8,8 @@ combined with `loss_weights`). Metrics add held-out implicit-reward accuracy and
 Reference model: with LoRA/QLoRA it is the policy with the adapter disabled (no second model in memory);
 starting from an SFT adapter (`adapter_path`), TRL keeps a frozen copy of that adapter as the reference;
 with `precompute_ref_log_probs: true` reference log-probs are computed once up front and none is kept; with
-`ref_logps: DIR` as well they are read from the artifact `alignkit ref_logps` wrote (ref_logps.py), so a β or
-loss sweep computes them once.
+`ref_logps: DIR` as well they are read from the artifact `alignkit ref_logps` wrote (ref_logps.py,
+stored_reference.py), so a β or loss sweep computes them once.
 
 Reference log-probs are precomputed by default (TRL's default is a reference forward every step): the same
 numbers, a forward pass per step saved, and no reference model kept in memory for full fine-tuning.
@@ -22,9 +22,10 @@ so a resumed run would not see the uninterrupted run's batches, and batches woul
 
 from __future__ import annotations
 
-from .config import RecipeError
-from .data import PREFERENCE
-from .stage import StageSpec, reward_metrics
+from alignkit.data import PREFERENCE
+from alignkit.errors import RecipeError
+from alignkit.train.stage import StageSpec, reward_metrics
+from alignkit.train.stored_reference import attach
 
 # Every loss TRL 1.16's DPOTrainer implements (DPOConfig.loss_type; several can be combined with loss_weights).
 LOSS_TYPES = (
@@ -46,7 +47,7 @@ def check(recipe, fail) -> None:
     if args.sync_ref_model and args.precompute_ref_log_probs:
         fail("sync_ref_model updates the reference during training, so its log-probs cannot be precomputed "
              "(precompute_ref_log_probs is on by default): set precompute_ref_log_probs: false")
-    if recipe.extras.ref_logps and not args.precompute_ref_log_probs:
+    if recipe.alignkit.ref_logps and not args.precompute_ref_log_probs:
         fail("ref_logps (stored reference log-probs) needs precompute_ref_log_probs: true — without it TRL runs "
              "the reference model every step and ignores them")
     if args.train_sampling_strategy == "group_by_length" and args.remove_unused_columns:
@@ -99,15 +100,13 @@ def check_rows_fit(recipe, tokenizer, train_ds, eval_ds):
 
 def prepare(recipe, tokenizer, train_ds, eval_ds):
     """Before weights load: some rows must survive truncation; stored reference log-probs attached."""
-    from .ref_logps import attach
-
     return attach(recipe, tokenizer, *check_rows_fit(recipe, tokenizer, train_ds, eval_ds))
 
 
 SPEC = StageSpec(
     name="dpo",
     config="trl:DPOConfig",
-    trainer="alignkit.ref_logps:StoredReferenceDPOTrainer",  # TRL's, reading attached reference log-probs
+    trainer="alignkit.train.stored_reference:StoredReferenceDPOTrainer",  # TRL's, reading attached reference log-probs
     data_kind=PREFERENCE,
     check=check,
     defaults={"precompute_ref_log_probs": True},
@@ -116,6 +115,3 @@ SPEC = StageSpec(
     metrics=reward_metrics,
 )
 train, main = SPEC.train, SPEC.main
-
-if __name__ == "__main__":
-    raise SystemExit(main())

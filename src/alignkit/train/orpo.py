@@ -1,16 +1,15 @@
 """ORPO stage: odds-ratio preference optimisation (TRL's experimental ORPOTrainer) — SFT and preference
 alignment in one step, no reference model.
 
-    python -m alignkit.orpo --config recipes/smol/orpo.yaml [--key value ...]
+    alignkit orpo --config recipes/smol/orpo.yaml [--key value ...]
 
 Loss = NLL(chosen) + beta * -log sigmoid(log odds(chosen) - log odds(rejected)), odds from mean token log-probs.
 """
 
 from __future__ import annotations
 
-from .data import PREFERENCE
-from .stage import StageSpec, reward_metrics
-
+from alignkit.data import PREFERENCE
+from alignkit.train.stage import StageSpec, reward_metrics
 
 SPEC = StageSpec(
     name="orpo",
@@ -21,6 +20,3 @@ SPEC = StageSpec(
     metrics=reward_metrics,
 )
 train, main = SPEC.train, SPEC.main
-
-if __name__ == "__main__":
-    raise SystemExit(main())

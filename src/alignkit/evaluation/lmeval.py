@@ -1,6 +1,6 @@
 """`lmeval` stage: lm-evaluation-harness benchmarks on the base model and each trained model, at a fixed path.
 
-    python -m alignkit.lmeval --base build/models/base --models sft=build/models/sft dpo=build/models/dpo \
+    alignkit lmeval --base build/models/base --models sft=build/models/sft dpo=build/models/dpo \
         --tasks eval/lm_eval/smol --apply_chat_template --out metrics/lmeval.json --samples build/lmeval
 
 `--tasks` is one of
@@ -21,9 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from .stage import UsageError, run_cli
+import yaml
+
+from alignkit.artifacts import atomic_output, manifest, write_json, write_manifest
+from alignkit.command import named_paths, run_cli
+from alignkit.errors import UsageError
+from alignkit.models import inference_dtype, split_models
 
 # (task, shots, the metric the leaderboard reported) — Open LLM Leaderboard v1.
 LEADERBOARD_V1 = [
@@ -53,8 +57,6 @@ def task_plan(spec: str) -> list[tuple[str | dict, int | None, str | None]]:
 
 def local_task_configs(directory: str) -> list[dict]:
     """Every task YAML in `directory` as a config dict with `data_files` made absolute (sorted by task name)."""
-    import yaml
-
     configs = []
     for fname in sorted(os.listdir(directory)):
         if not fname.endswith((".yaml", ".yml")):
@@ -79,8 +81,6 @@ def local_task_configs(directory: str) -> list[dict]:
 def model_args(base: str, model_dir: str | None, batch_size: int) -> dict:
     """lm-eval `hf` model arguments: base + PEFT adapter, or a merged/full model directory."""
     import torch
-
-    from .generation import inference_dtype, split_models
 
     gpu = torch.cuda.is_available()
     # the dtype named, never "auto": a merged checkpoint saved in float32 would load in float32
@@ -160,10 +160,8 @@ def run(argv: list[str]) -> int:
 
     import lm_eval
 
-    from .models import atomic_output
-
     plan = task_plan(args.tasks)
-    models = {"base": None, **dict(m.split("=", 1) for m in args.models)}
+    models = {"base": None, **named_paths(args.models, "--models")}
     metrics = {"harness": {"lm_eval": lm_eval.__version__, "tasks": args.tasks,
                            "apply_chat_template": args.apply_chat_template, "limit": args.limit}, "models": {}}
     with atomic_output(args.samples) as tmp:
@@ -175,22 +173,13 @@ def run(argv: list[str]) -> int:
             metrics["harness"].setdefault("tasks_run", {}).update(
                 {t: c for t, c in sorted(extra["configs"].items()) if t in metrics["models"][name]})
             write_samples(tmp, name, extra["samples"])
-        from .reliability import manifest, write_manifest
-
         write_manifest(tmp, manifest("lmeval", inputs={"base": args.base, **{k: v for k, v in models.items() if v},
                                                        **({"tasks": args.tasks} if os.path.isdir(args.tasks) else {})},
                                      config=vars(args), seed=args.seed, judge={"harness": metrics["harness"]}))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(args.out, metrics, sort_keys=True)
     print(json.dumps(metrics["models"]))
     return 0
 
 
 def main(argv=None) -> int:
     return run_cli("lmeval", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

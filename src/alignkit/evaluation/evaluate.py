@@ -1,6 +1,6 @@
 """`evaluate` stage: the base model and each trained adapter on held-out data, the same way every time.
 
-    python -m alignkit.evaluate --base build/models/base --adapters sft=build/models/sft dpo=build/models/dpo \
+    alignkit evaluate --base build/models/base --adapters sft=build/models/sft dpo=build/models/dpo \
         --questions data/smol/heldout.jsonl --pairs build/data/dpo_test.jsonl --beta 0.1 \
         --out metrics/evaluate.json --generations build/eval/generations.jsonl
 
@@ -21,7 +21,11 @@ import json
 import os
 import sys
 
-from .stage import run_cli
+from alignkit.artifacts import manifest, write_json, write_manifest
+from alignkit.command import named_paths, run_cli
+from alignkit.data import CONVERSATION, PREFERENCE, load_source_rows, normalize_rows, write_jsonl
+from alignkit.generation import generate, normalize_answer
+from alignkit.models import load_for_inference, load_with_adapters, split_models, use_model
 
 
 def completion_logps(model, tokenizer, prompts: list[list[dict]], completions: list[list[dict]],
@@ -54,8 +58,6 @@ def completion_logps(model, tokenizer, prompts: list[list[dict]], completions: l
 
 
 def task_scores(answers: list[str], references: list[str]) -> dict:
-    from .generation import normalize_answer
-
     agree = contains = words = 0
     for answer, ref in zip(answers, references):
         a, r = normalize_answer(answer), normalize_answer(ref)
@@ -81,18 +83,14 @@ def run(argv: list[str]) -> int:
     p.add_argument("--generations", required=True, help="jsonl of prompts, references and every model's answer")
     args = p.parse_args(argv)
 
-    from .data import CONVERSATION, PREFERENCE, load_source_rows, normalize_rows, write_jsonl
-    from .generation import generate, load_for_inference, load_with_adapters, use_model
-
-    models = dict(a.split("=", 1) for a in args.adapters)
+    models = named_paths(args.adapters, "--adapters")
     convs, _ = normalize_rows(*load_source_rows(args.questions), CONVERSATION, drop_invalid=False)
     pairs, _ = normalize_rows(*load_source_rows(args.pairs), PREFERENCE, drop_invalid=False)
     prompts = [c["messages"][:-1] for c in convs]
     references = [c["messages"][-1]["content"] for c in convs]
 
     # Adapters are switched on top of one copy of the base; a full model directory is loaded on its own.
-    full_models = {n: d for n, d in models.items() if not os.path.isfile(os.path.join(d, "adapter_config.json"))}
-    adapters = {n: d for n, d in models.items() if n not in full_models}
+    adapters, full_models = split_models(models)
     model, tokenizer = load_with_adapters(args.base, adapters, args.chat_template)
 
     metrics, answers_by_model, base_logps = {}, {}, None
@@ -120,19 +118,14 @@ def run(argv: list[str]) -> int:
         metrics[name] = {k: round(m[k], 4) for k in sorted(m)}
         answers_by_model[name] = answers
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.generations)), exist_ok=True)
     # throughput varies run to run; keep it in the log, not in the versioned metrics
     print(json.dumps({k: v.pop("tokens_per_second") for k, v in metrics.items()}), file=sys.stderr)
-    with open(args.out, "w") as f:
-        json.dump(metrics, f, indent=2)  # models in pipeline order: base, then the adapters as given
+    write_json(args.out, metrics)  # models in pipeline order: base, then the adapters as given
     rows = [{"prompt": p[-1]["content"], "reference": r, **{n: answers_by_model[n][i] for n in answers_by_model}}
             for i, (p, r) in enumerate(zip(prompts, references))]
     write_jsonl(rows, args.generations)
-    from .reliability import manifest, write_manifest
-
     write_manifest(os.path.dirname(os.path.abspath(args.generations)), manifest(
-        "evaluate", inputs={"base": args.base, **adapters, "questions": args.questions, "pairs": args.pairs},
+        "evaluate", inputs={"base": args.base, **models, "questions": args.questions, "pairs": args.pairs},
         config={k: v for k, v in vars(args).items()}, tokenizer=tokenizer))
     print(json.dumps(metrics))
     return 0
@@ -140,7 +133,3 @@ def run(argv: list[str]) -> int:
 
 def main(argv=None) -> int:
     return run_cli("evaluate", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

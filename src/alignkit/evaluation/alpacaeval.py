@@ -1,6 +1,6 @@
 """`alpacaeval` stage: each model's answers to an instruction set, judged by AlpacaEval against a reference.
 
-    python -m alignkit.alpacaeval --base build/models/base --models sft=build/models/sft dpo=build/models/dpo \
+    alignkit alpacaeval --base build/models/base --models sft=build/models/sft dpo=build/models/dpo \
         --instructions data/alpacaeval-smol/instructions.jsonl --reference sft \
         --out_dir build/alpacaeval --metrics metrics/alpacaeval.json
 
@@ -22,11 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
 
-from .stage import UsageError, run_cli
+import yaml
+
+from alignkit.artifacts import manifest, write_json, write_manifest
+from alignkit.command import named_paths, run_cli
+from alignkit.errors import UsageError, nearest
+from alignkit.generation import Generator
 
 logger = logging.getLogger(__name__)
 HUB_SET = "tatsu-lab/alpaca_eval"
@@ -43,7 +49,8 @@ def load_instructions(source: str) -> list[dict]:
                 row = json.loads(line)
                 if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
                     raise UsageError(f"{source}: row {i}: field 'instruction': missing or empty")
-                rows.append({"instruction": row["instruction"], "dataset": row.get("dataset", os.path.basename(source))})
+                rows.append({"instruction": row["instruction"],
+                             "dataset": row.get("dataset", os.path.basename(source))})
         return rows
     if source == HUB_SET:
         import datasets
@@ -56,8 +63,6 @@ def load_instructions(source: str) -> list[dict]:
 def generate_outputs(base: str, models: dict[str, str], instructions: list[dict], *, chat_template, max_new_tokens,
                      batch_size, seed, backend) -> dict[str, list[dict]]:
     """AlpacaEval-format outputs of the base model and every adapter (greedy, deterministic)."""
-    from .generation import Generator
-
     generator = Generator(base, models, chat_template, backend=backend)
     prompts = [[{"role": "user", "content": r["instruction"]}] for r in instructions]
     outputs = {}
@@ -71,17 +76,13 @@ def generate_outputs(base: str, models: dict[str, str], instructions: list[dict]
 
 def annotator_config(annotator: str, model_name: str | None, client_config_path: str, directory: str) -> str:
     """A copy of AlpacaEval's evaluator config `annotator`, pointed at our endpoint; returns its path."""
-    import yaml
-    from alpaca_eval import constants
+    from alpaca_eval import constants  # optional: only when annotating
 
     source = os.path.join(constants.EVALUATORS_CONFIG_DIR, annotator, "configs.yaml")
     if not os.path.isfile(source):
         known = sorted(d for d in os.listdir(constants.EVALUATORS_CONFIG_DIR)
                        if os.path.isfile(os.path.join(constants.EVALUATORS_CONFIG_DIR, d, "configs.yaml")))
-        import difflib
-
-        near = difflib.get_close_matches(annotator, known, n=3, cutoff=0.4)
-        raise UsageError(f"unknown AlpacaEval annotator '{annotator}'" + (f"; nearest: {', '.join(near)}" if near else ""))
+        raise UsageError(f"unknown AlpacaEval annotator '{annotator}'; nearest: {nearest(annotator, known)}")
     with open(source) as f:
         config = yaml.safe_load(f)
     (name, spec), = config.items()
@@ -102,7 +103,6 @@ def annotator_config(annotator: str, model_name: str | None, client_config_path:
 def annotate(model_outputs: list[dict], reference_outputs: list[dict], *, name: str, annotator: str,
              annotator_model: str | None, url: str, key_env: str, cache_dir: str) -> dict:
     """AlpacaEval's win rate (and length-controlled win rate when it can be fitted) of `name` over the reference."""
-    import yaml
     from alpaca_eval import main as alpaca_main
 
     with tempfile.TemporaryDirectory(prefix="alignkit-alpacaeval-") as tmp:
@@ -127,8 +127,6 @@ def annotate(model_outputs: list[dict], reference_outputs: list[dict], *, name: 
 
 
 def _maybe(value):
-    import math
-
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 4)
 
 
@@ -153,7 +151,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--metrics", required=True)
     args = p.parse_args(argv)
 
-    models = dict(m.split("=", 1) for m in args.models)
+    models = named_paths(args.models, "--models")
     names = ["base", *models]
     if args.reference is None and args.instructions != HUB_SET:
         raise UsageError("a local instruction set needs --reference NAME (one of: " + ", ".join(names) + ")")
@@ -163,16 +161,15 @@ def run(argv: list[str]) -> int:
     if not args.annotator:
         skip_reason = "no annotator configured (--annotator or ALIGNKIT_ALPACAEVAL_ANNOTATOR)"
     elif "api.openai.com" in args.annotator_url and not os.environ.get(args.annotator_key_env):
-        skip_reason = f"annotator endpoint {args.annotator_url} needs a key in ${args.annotator_key_env}, which is unset"
+        skip_reason = (f"annotator endpoint {args.annotator_url} needs a key in ${args.annotator_key_env}, which is "
+                       "unset")
 
     instructions = load_instructions(args.instructions)
     outputs = generate_outputs(args.base, models, instructions, chat_template=args.chat_template,
                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                                backend=args.backend)
-    os.makedirs(os.path.join(args.out_dir, "outputs"), exist_ok=True)
     for name, rows in outputs.items():
-        with open(os.path.join(args.out_dir, "outputs", f"{name}.json"), "w") as f:
-            json.dump(rows, f, indent=1, ensure_ascii=False)
+        write_json(os.path.join(args.out_dir, "outputs", f"{name}.json"), rows, indent=1, ensure_ascii=False)
 
     metrics = {"instructions": args.instructions, "n_instructions": len(instructions),
                "reference": args.reference or "alpaca_eval default",
@@ -193,21 +190,13 @@ def run(argv: list[str]) -> int:
                            url=args.annotator_url, key_env=args.annotator_key_env,
                            cache_dir=os.path.join(args.out_dir, "annotations"))
             for name, rows in outputs.items() if name != args.reference}
-    from .reliability import manifest, write_manifest
-
     write_manifest(args.out_dir, manifest("alpacaeval", inputs={"base": args.base, **models,
                                                                 "instructions": args.instructions},
                                           config=vars(args), seed=args.seed, judge=metrics["annotator"]))
-    os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)
-    with open(args.metrics, "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
+    write_json(args.metrics, metrics, sort_keys=True)
     print(json.dumps(metrics))
     return 0
 
 
 def main(argv=None) -> int:
     return run_cli("alpacaeval", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

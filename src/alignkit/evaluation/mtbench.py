@@ -1,6 +1,6 @@
 """`mtbench` stage: MT-Bench-style two-turn answers from each model, judged the same way every time.
 
-    python -m alignkit.mtbench --questions data/mtbench-smol/question.jsonl --base build/models/base \
+    alignkit mtbench --questions data/mtbench-smol/question.jsonl --base build/models/base \
         --models sft=build/models/sft dpo=build/models/dpo --judge reference-f1 \
         --out_dir build/mtbench --metrics metrics/mtbench.json --plot metrics/mtbench_categories.csv
 
@@ -19,9 +19,25 @@ import argparse
 import csv
 import json
 import os
-import sys
 
-from .stage import UsageError, run_cli
+from alignkit.artifacts import atomic_file, manifest, write_json, write_manifest
+from alignkit.command import named_paths, run_cli
+from alignkit.data import read_jsonl, write_jsonl
+from alignkit.errors import UsageError
+from alignkit.evaluation.judges import (
+    JudgmentCache,
+    OpenAIJudge,
+    ReferenceScorer,
+    judge_prompts_path,
+    load_judge_prompts,
+    parse_rating,
+    parse_verdict,
+    render_pair,
+    render_single,
+    swap_outcome,
+    win_rate,
+)
+from alignkit.generation import Generator
 
 # MT-Bench's sampling temperature per category (FastChat's temperature_config).
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
@@ -30,8 +46,6 @@ TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, 
 
 def select_questions(questions: list[dict], categories: list[str] | None, per_category: int | None) -> list[dict]:
     """The questions of `categories` (all when None), the first `per_category` of each by question_id."""
-    from .stage import UsageError
-
     known = sorted({q["category"] for q in questions})
     unknown = sorted(set(categories or []) - set(known))
     if unknown:
@@ -49,19 +63,14 @@ def select_questions(questions: list[dict], categories: list[str] | None, per_ca
 def load_questions(source: str) -> list[dict]:
     """[{question_id, category, turns, reference (list or None)}] sorted by question_id."""
     if source == "mt_bench":
-        from .judges import judge_prompts_path
-
         root = os.path.dirname(judge_prompts_path())
-        questions = [json.loads(x) for x in open(os.path.join(root, "question.jsonl")) if x.strip()]
-        refs = {}
-        for line in open(os.path.join(root, "reference_answer", "gpt-4.jsonl")):
-            if line.strip():
-                r = json.loads(line)
-                refs[r["question_id"]] = r["choices"][0]["turns"]
+        questions = read_jsonl(os.path.join(root, "question.jsonl"))
+        refs = {r["question_id"]: r["choices"][0]["turns"]
+                for r in read_jsonl(os.path.join(root, "reference_answer", "gpt-4.jsonl"))}
         for q in questions:
             q["reference"] = refs.get(q["question_id"])
     elif os.path.isfile(source):
-        questions = [json.loads(x) for x in open(source) if x.strip()]
+        questions = read_jsonl(source)
     else:  # a hub dataset such as HuggingFaceH4/mt_bench_prompts
         import datasets
 
@@ -83,12 +92,7 @@ def generate_answers(generator, name: str, questions: list[dict], path: str, *, 
     """Both turns for every question not yet in `path` (a jsonl that a rerun extends). Returns id → answers."""
     from tqdm.auto import tqdm
 
-    done = {}
-    if os.path.exists(path):
-        for line in open(path):
-            if line.strip():
-                row = json.loads(line)
-                done[row["question_id"]] = row["turns"]
+    done = {row["question_id"]: row["turns"] for row in read_jsonl(path)} if os.path.exists(path) else {}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # Fixed chunks over all questions: a resumed run samples each chunk with the same seed as a full run.
     for c in tqdm(range(0, len(questions), batch_size), desc=f"mtbench answers ({name})", unit="chunk"):
@@ -122,8 +126,6 @@ def generate_answers(generator, name: str, questions: list[dict], path: str, *, 
 
 def judge_model(questions, answers, judge, prompts, cache) -> list[dict]:
     """One judgment per (question, turn): {question_id, category, turn, score (None = unparseable)}."""
-    from .judges import ReferenceScorer, parse_rating, render_single
-
     rows = []
     for q in questions:
         ans = answers[q["question_id"]]
@@ -158,8 +160,6 @@ def summarize(rows: list[dict]) -> dict:
 
 def pairwise(questions, answers_x, answers_y, judge, prompts, cache, by_model_rows) -> dict:
     """Win rate of X over Y per turn with position swap (openai judge) or by per-turn score (reference-f1)."""
-    from .judges import ReferenceScorer, parse_verdict, render_pair, swap_outcome, win_rate
-
     outcomes = []
     for q in questions:
         for turn in (1, 2):
@@ -201,11 +201,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--plot", required=True, help="per-category scores CSV (dvc plots)")
     args = p.parse_args(argv)
 
-    from .generation import Generator
-    from .judges import JudgmentCache, OpenAIJudge, ReferenceScorer, load_judge_prompts
-
     questions = select_questions(load_questions(args.questions), args.categories, args.per_category)
-    models = dict(m.split("=", 1) for m in args.models)
+    models = named_paths(args.models, "--models")
     if args.judge == "openai":
         judge, prompts = OpenAIJudge(args.judge_url, args.judge_model, api_key_env=args.judge_key_env), \
             load_judge_prompts()
@@ -232,8 +229,6 @@ def run(argv: list[str]) -> int:
         metrics["pairwise"] = {f"{x}_vs_{y}": pairwise(questions, answers[x], answers[y], judge, prompts, cache, by)}
 
     _write_outputs(args, questions, answers, per_model, metrics)
-    from .reliability import manifest, write_manifest
-
     write_manifest(args.out_dir, manifest("mtbench", inputs={"base": args.base, **models, "questions": args.questions},
                                           config=vars(args), seed=args.seed, judge=judge.identity))
     total = sum(m["judgments"] for m in metrics["models"].values())
@@ -246,16 +241,10 @@ def run(argv: list[str]) -> int:
 
 
 def _write_outputs(args, questions, answers, per_model, metrics) -> None:
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "judgments.jsonl"), "w") as f:  # stable order: model, question, turn
-        for name, rows in per_model.items():
-            for r in rows:
-                f.write(json.dumps({"model": name, **r}, sort_keys=True) + "\n")
-    for path in (args.metrics, args.plot):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(args.metrics, "w") as f:
-        json.dump(metrics, f, indent=2)
-    with open(args.plot, "w", newline="") as f:
+    write_jsonl([{"model": name, **r} for name, rows in per_model.items() for r in rows],  # model, question, turn
+                os.path.join(args.out_dir, "judgments.jsonl"))
+    write_json(args.metrics, metrics)
+    with atomic_file(args.plot) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "category", "score"])
         for name, m in metrics["models"].items():
@@ -265,7 +254,3 @@ def _write_outputs(args, questions, answers, per_model, metrics) -> None:
 
 def main(argv=None) -> int:
     return run_cli("mtbench", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

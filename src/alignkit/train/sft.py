@@ -1,6 +1,6 @@
 """SFT stage: supervised fine-tuning on conversations, loss on the assistant's tokens only (TRL's SFTTrainer).
 
-    python -m alignkit.sft --config recipes/smol/sft.yaml [--key value ...]
+    alignkit sft --config recipes/smol/sft.yaml [--key value ...]
 
 Data: conversations (`messages`, or `prompt`/`completion`). `assistant_only_loss` is on unless the recipe
 turns it off; it needs a chat template with `{% generation %}` markers (the named ones have them).
@@ -9,25 +9,22 @@ turns it off; it needs a chat template with `{% generation %}` markers (the name
 
 from __future__ import annotations
 
-from .config import RecipeError
-from .data import CONVERSATION
-from .stage import StageSpec
+from trl.chat_template_utils import has_generation_markers
+
+from alignkit.data import CONVERSATION
+from alignkit.errors import RecipeError
+from alignkit.templates import resolve_chat_template
+from alignkit.train.stage import StageSpec
 
 
 def check(recipe, fail) -> None:
-    from trl.chat_template_utils import has_generation_markers
-
-    from .templates import resolve_chat_template
-
-    template = resolve_chat_template(recipe.extras.chat_template)
+    template = resolve_chat_template(recipe.alignkit.chat_template)
     if recipe.train.assistant_only_loss and template is not None and not has_generation_markers(template):
         fail("assistant_only_loss needs a chat template with {% generation %} markers; "
              "use a named one (smollm2, chatml, zephyr) or set assistant_only_loss: false")
 
 
 def check_tokenizer(recipe, tokenizer) -> None:
-    from trl.chat_template_utils import has_generation_markers
-
     if recipe.train.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
         raise RecipeError(
             f"{recipe.model.model_name_or_path}'s chat template has no {{% generation %}} markers, which "
@@ -45,6 +42,3 @@ SPEC = StageSpec(
     check_tokenizer=check_tokenizer,
 )
 train, main = SPEC.train, SPEC.main
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """CPT stage: continued pretraining (causal LM) on raw text, packed into fixed-length blocks.
 
-    python -m alignkit.cpt --config recipes/gpt2-nl/cpt.yaml [--key value ...]
+    alignkit cpt --config recipes/gpt2-nl/cpt.yaml [--key value ...]
 
 Data: a `text` column (local files or a hub dataset). Each document is tokenised, followed by EOS, the
 documents are concatenated and cut into `max_length` blocks; only the final remainder (< one block) is
@@ -17,8 +17,12 @@ import logging
 import math
 import os
 
-from .data import TEXT
-from .stage import StageSpec, checkpoints, finish, make_trainer, prepared, run_cli, train_and_evaluate
+from alignkit.artifacts import atomic_output
+from alignkit.command import run_cli
+from alignkit.data import TEXT, load_splits
+from alignkit.models import load_model, load_tokenizer
+from alignkit.train.checkpoints import checkpoints
+from alignkit.train.stage import StageSpec, finish, make_trainer, prepared, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +68,15 @@ def packed_dataset(rows, tokenizer, block_size: int, cache_dir: str, split: str)
     if not blocks:
         raise ValueError(f"{split}: {stats['tokens']} tokens make no block of max_length {block_size}")
     ds = datasets.Dataset.from_dict({"input_ids": blocks})
-    tmp = path + f".tmp-{os.getpid()}"
-    ds.save_to_disk(os.path.join(tmp, "data"))
-    with open(os.path.join(tmp, "packing.json"), "w") as f:
-        json.dump(stats, f)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        ds.save_to_disk(os.path.join(tmp, "data"))
+        with open(os.path.join(tmp, "packing.json"), "w") as f:
+            json.dump(stats, f)
     return datasets.load_from_disk(os.path.join(path, "data")), stats
 
 
 def train(argv: list[str]) -> dict:
     from trl import SFTTrainer
-
-    from .data import load_splits
-    from .models import load_model, load_tokenizer
 
     # 1. Recipe.
     recipe = SPEC.parse(argv)
@@ -86,9 +85,9 @@ def train(argv: list[str]) -> dict:
     # 2. Data: raw text → EOS-separated token stream → fixed blocks (cached).
     train_rows, eval_rows, data_report = load_splits(recipe.data, TEXT, seed=recipe.train.seed)
     tokenizer = load_tokenizer(recipe, require_chat_template=False)
-    train_ds, train_pack = packed_dataset(train_rows, tokenizer, block, recipe.extras.cache_dir, "train")
-    eval_ds, eval_pack = packed_dataset(eval_rows, tokenizer, block, recipe.extras.cache_dir, "eval")
-    if recipe.extras.prepare_only:
+    train_ds, train_pack = packed_dataset(train_rows, tokenizer, block, recipe.alignkit.cache_dir, "train")
+    eval_ds, eval_pack = packed_dataset(eval_rows, tokenizer, block, recipe.alignkit.cache_dir, "eval")
+    if recipe.alignkit.prepare_only:
         return prepared("cpt", data_report, train_blocks=train_pack["blocks"], eval_blocks=eval_pack["blocks"])
 
     # 3-4. Model and trainer (pre-tokenised blocks: the trainer neither re-tokenises nor pads).
@@ -112,7 +111,3 @@ def train(argv: list[str]) -> dict:
 
 def main(argv=None) -> int:
     return run_cli("cpt", lambda a: (train(a), 0)[1], argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
