@@ -305,3 +305,33 @@ def test_every_leaderboard_v1_task_resolves_in_lm_evals_own_registry_offline():
             measured == "acc_norm" and cfg["output_type"] == "multiple_choice"), name
         assert filtered == "none" or filtered in [f["name"] for f in cfg.get("filter_list", [])], name
         assert cfg.get("dataset_path") and shots >= 0
+
+
+def test_the_stock_lm_eval_cli_runs_a_project_task_from_the_repository_root_with_an_adapter(tiny_model, tmp_path):
+    """`lm_eval --include_path eval/lm_eval/smol --tasks smol_mc --model_args pretrained=…,peft=…` from the repository
+    root (it failed: the task's data path was relative to the YAML) gives alignkit lmeval's number."""
+    import subprocess
+    import sys
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)  # a LoRA with non-zero B: the adapter changes the scores
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    out = tmp_path / "alignkit.json"
+    assert lmeval.main(["--base", tiny_model, "--models", f"lora={adapter}", "--tasks", SMOL_TASKS, "--limit", "12",
+                        "--batch_size", "4", "--out", str(out), "--samples", str(tmp_path / "samples")]) == 0
+    ours = json.loads(out.read_text())["models"]["lora"]["smol_mc"]
+    stock = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "hf", "--model_args",
+                            f"pretrained={tiny_model},peft={adapter},dtype=float32", "--include_path",
+                            "eval/lm_eval/smol", "--tasks", "smol_mc", "--limit", "12", "--batch_size", "4",
+                            "--output_path", str(tmp_path / "stock")], cwd=ROOT, capture_output=True, text=True)
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    results = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "stock") for f in fs if f.startswith("results")]
+    theirs = json.load(open(results[0]))["results"]["smol_mc"]
+    assert {k: round(theirs[k], 6) for k in ("acc,none", "acc_norm,none")} == \
+        {k: ours[k] for k in ("acc,none", "acc_norm,none")}

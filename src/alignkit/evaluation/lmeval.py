@@ -8,7 +8,8 @@
                       10-shot acc_norm, MMLU 5-shot acc, TruthfulQA mc2 0-shot, Winogrande 5-shot acc, GSM8K
                       5-shot exact match (strict) — datasets from the hub (or its cache)
   a directory         local task YAMLs written by this project (eval/lm_eval/smol for the CPU twins); their
-                      `data_files` are resolved relative to the YAML, not the current directory
+                      `data_files` are repository-relative, so the stock `lm_eval --include_path eval/lm_eval/smol`
+                      works from the repository root; here they resolve from the YAML's folder upwards, from anywhere
   names               lm-eval task names, each optionally `:N` for N-shot: `arc_easy:0,gsm8k:5`
 A model is a PEFT adapter on `--base` (lm-eval's `peft=`) or, when its directory holds full weights, a merged
 model. lm-eval's Python API is used (its CLI writes to a timestamped folder, which DVC cannot track); the
@@ -55,6 +56,25 @@ def task_plan(spec: str) -> list[tuple[str | dict, int | None, str | None]]:
     return plan
 
 
+def data_file(yaml_path: str, split: str, rel: str) -> str:
+    """A task's data file: absolute as given, else the first of the YAML's folder and its parents that holds `rel`
+    (the stock lm-eval CLI reads it from the current directory: the repository root for the project's tasks)."""
+    if os.path.isabs(rel):
+        candidates = [rel]
+    else:
+        folder, candidates = os.path.dirname(os.path.abspath(yaml_path)), []
+        while True:
+            candidates.append(os.path.normpath(os.path.join(folder, rel)))
+            if os.path.dirname(folder) == folder:
+                break
+            folder = os.path.dirname(folder)
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        raise FileNotFoundError(f"{yaml_path}: data_files.{split}: {rel} does not exist (in "
+                                f"{os.path.dirname(os.path.abspath(yaml_path))} or any folder above it)")
+    return found
+
+
 def local_task_configs(directory: str) -> list[dict]:
     """Every task YAML in `directory` as a config dict with `data_files` made absolute (sorted by task name)."""
     configs = []
@@ -68,10 +88,7 @@ def local_task_configs(directory: str) -> list[dict]:
             raise UsageError(f"{path}: not an lm-eval task config (no 'task' key)")
         files = config.get("dataset_kwargs", {}).get("data_files", {})
         for split, rel in files.items():
-            full = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), rel))
-            if not os.path.isfile(full):
-                raise FileNotFoundError(f"{path}: data_files.{split}: {full} does not exist")
-            files[split] = full
+            files[split] = data_file(path, split, rel)
         configs.append(config)
     if not configs:
         raise FileNotFoundError(f"no lm-eval task YAML in {directory}")
