@@ -30,6 +30,7 @@ TOOLS = {
     "launch": "alignkit.launch.launch",
     "plan": "alignkit.launch.plan",
     "verify": "alignkit.verify",
+    "publish": "alignkit.publish",
 }
 
 USAGE = f"""usage: alignkit <command> [args]

@@ -129,6 +129,7 @@ class Recipe:
     notes: list[str]
     half_precision: set[str] = field(default_factory=set)  # {"bf16", "fp16"} as asked by YAML/CLI
     output_dir: str = ""  # where the final output goes (the Trainer's own output_dir holds the checkpoints)
+    publish_to: str | None = None  # the Hub repository the finished output goes to (push_to_hub + hub_model_id)
 
     def asks(self, precision: str) -> bool:
         """Whether the recipe asks for bf16/fp16, even when `alignkit check` validated it in fp32 on a CPU."""
@@ -305,6 +306,12 @@ def load_recipe(
         raise RecipeError(f"{where}: {e}") from e
 
     recipe = Recipe(config_path, data, model, own, train, explicit, notes, half, output_dir=train.output_dir)
+    # The Trainer would push every checkpoint as it saves; alignkit publishes the finished output once, after its
+    # atomic rename (train/stage.py: finish).
+    if train.push_to_hub and not train.hub_model_id:
+        raise RecipeError(f"{where}: push_to_hub: true needs hub_model_id (the repository to publish to, e.g. "
+                          "me/smol-dpo)")
+    recipe.publish_to, train.push_to_hub = (train.hub_model_id if train.push_to_hub else None), False
     validate(recipe, for_check=for_check, has_cuda=has_cuda, stage_check=stage_check)
     return recipe
 
@@ -335,6 +342,8 @@ def validate(recipe: Recipe, *, for_check: bool, has_cuda: bool, stage_check=Non
 
     if not m.model_name_or_path:
         fail("model_name_or_path is required")
+    if "hub_token" in recipe.explicit_keys:
+        fail("hub_token: a token never goes in a recipe or on the command line; set HF_TOKEN in the environment")
     if not d.datasets:
         fail("datasets: at least one training source is required")
     # Either form of a source — `data/my.jsonl` or `{path: data/my.jsonl, ...}` — becomes the mapping here, once, so

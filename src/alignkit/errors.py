@@ -38,12 +38,16 @@ class SaveError(RuntimeError):
     """What was saved is not the model that was trained (missing, empty or mis-shaped tensors)."""
 
 
+class PublishError(RuntimeError):
+    """An upload to the Hub failed; the output it would have published is intact."""
+
+
 class Preempted(Exception):
     """A checkpoint was saved after SIGTERM/SIGUSR1; the process exits with REQUEUE_EXIT."""
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, DataError, UsageError, JudgeError, TrainingDiverged,
-                                                FileNotFoundError, IsADirectoryError)
+                                                PublishError, FileNotFoundError, IsADirectoryError)
 
 
 def nearest(name: str, valid) -> str:

@@ -31,6 +31,7 @@ from alignkit.config import Recipe, load_recipe, split_config_arg
 from alignkit.data import load_splits
 from alignkit.errors import Preempted
 from alignkit.models import load_model, load_tokenizer, lora_config
+from alignkit.publish import publish
 from alignkit.train.batches import padding_fraction, truncation_metrics, with_length_column
 from alignkit.train.checkpoints import (
     checkpoint_run_dir,
@@ -257,6 +258,9 @@ def finish(stage: str, recipe: Recipe, trainer, tokenizer, metrics: dict) -> dic
     if recipe.alignkit.metrics_dir:
         write_json(os.path.join(recipe.alignkit.metrics_dir, f"{stage}.json"), metrics)
         write_log_csv(trainer.state.log_history, os.path.join(recipe.alignkit.metrics_dir, f"{stage}_log.csv"))
+    if recipe.publish_to and main:  # only now: the output is whole and in place
+        logger.info("published %s to %s: %s", out_dir, recipe.publish_to,
+                    publish(out_dir, recipe.publish_to, commit_message=f"alignkit {stage}: {recipe.path}"))
     logger.info("%s done: %s → %s", stage, json.dumps(metrics), out_dir)
     return metrics
 
