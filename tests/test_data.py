@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -170,3 +171,28 @@ def test_a_local_dataset_repository_resolves_splits_by_name_and_is_read_afresh_a
     assert label.endswith("ultrachat_200k[train_sft]") and len(rows) == 3 and rows[0]["prompt_id"] == "0"
     write(5)
     assert len(load_source_rows({"path": str(repo), "split": "train_sft"})[1]) == 5
+
+
+def test_ranks_reading_the_same_local_dataset_share_no_cache(tmp_path):
+    """Every rank of a multi-process stage reads its data. Through the shared datasets cache (rebuilt on every read,
+    to see edits) one rank deleted the cache another was reading: the 2-process Zephyr twin died with
+    FileNotFoundError for dataset_info.json. Each read now has a cache of its own: 2 processes × 6 reads at once
+    all succeed, and the shared cache stays empty."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "prefs"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                    "  - split: train_prefs\n    path: data/train_prefs.jsonl\n---\n")
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(200)]
+    (repo / "data" / "train_prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shared = tmp_path / "hf-datasets-cache"
+    code = ("import sys; from alignkit.data import load_source_rows\n"
+            "for _ in range(6): assert len(load_source_rows({'path': sys.argv[1], 'split': 'train_prefs'})[1]) == 200")
+    env = {**os.environ, "HF_DATASETS_CACHE": str(shared)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(repo)], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert not shared.exists() or not any(shared.iterdir())

@@ -28,6 +28,8 @@ def two_nodes():
     shutil.rmtree(root, ignore_errors=True)
 
 
+# ~7-10 steps/s: the USR1 must arrive mid-run even on a loaded machine (at 40 steps it once came after the end)
+STEPS = 160
 ENV = {"ALIGNKIT_PYTHON": sys.executable, "ACCELERATE_CONFIG": "recipes/accelerate/ddp.yaml",
        "GLOO_SOCKET_IFNAME": TwoNodeCluster.IFACE}
 
@@ -43,7 +45,7 @@ def uninterrupted(two_nodes, tmp_path_factory, tiny_model, tiny_data):
     """One DPO job on both nodes, run to the end: checked below, and the reference of the preemption test."""
     tmp = tmp_path_factory.mktemp("two-nodes")
     recipe = tiny_recipe(tmp, tiny_model, tiny_data, "dpo", global_batch_size=4, per_device_train_batch_size=2,
-                         max_steps=40, save_steps=2, learning_rate=5e-3)  # ~10 steps/s: time to signal mid-run
+                         max_steps=STEPS, save_steps=2, learning_rate=5e-3)
     out = tmp / "uninterrupted"
     job = sbatch(two_nodes, recipe, out, "--wait")
     job_id = job.stdout.strip().split(";")[0]
@@ -59,7 +61,8 @@ def test_sbatch_on_two_nodes_trains_with_world_size_two(uninterrupted):
     for rank in (0, 1):
         assert f"--num_machines 2 --machine_rank {rank} --main_process_ip node1" in log, log[-4000:]
     metrics = json.load(open(out / "metrics.json"))
-    assert metrics["world_size"] == 2 and metrics["train_steps"] == 40 and metrics["gradient_accumulation_steps"] == 1
+    assert metrics["world_size"] == 2 and metrics["train_steps"] == STEPS
+    assert metrics["gradient_accumulation_steps"] == 1
 
 
 def job_state(cluster, job_id: str) -> dict:
@@ -94,9 +97,9 @@ def test_usr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes_to_t
     assert f"USR1 — asking the stage to checkpoint, then requeueing job {job_id}" in text
     assert text.count("stopped by SIGUSR1 at step") == 2 and "resuming from" in text, text[-4000:]
     stopped = int(text.split("stopped by SIGUSR1 at step ")[1].split(";")[0])
-    assert 0 < stopped < 40
+    assert 0 < stopped < STEPS
     metrics = json.load(open(out / "metrics.json"))
-    assert metrics["world_size"] == 2 and metrics["train_steps"] == 40
+    assert metrics["world_size"] == 2 and metrics["train_steps"] == STEPS
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (out, reference))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
@@ -104,4 +107,4 @@ def test_usr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes_to_t
         with open(d / "train_log.csv") as f:
             return [r["loss"] for r in csv.DictReader(f)]
 
-    assert losses(out) == losses(reference) and len(losses(out)) == 40
+    assert losses(out) == losses(reference) and len(losses(out)) == STEPS

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import re
+import tempfile
 from dataclasses import dataclass, field
 
 from alignkit.artifacts import atomic_file
@@ -122,18 +123,20 @@ def load_source_rows(spec) -> tuple[str, list]:
 
     import datasets
 
-    # Local data is read afresh every time: datasets keys its cache of a local file or dataset directory on the
-    # paths, not the contents, so an edited file was served from the cache as it was before.
-    # (and the split sizes it recorded then are no check on the files now)
-    fresh = {"download_mode": "force_redownload", "verification_mode": "no_checks"} if os.path.exists(path) else {}
+    kwargs = {k: spec[k] for k in ("name", "data_files", "data_dir", "revision") if spec.get(k) is not None}
     if os.path.isfile(path):
-        ds = datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=path, split="train", **fresh)
-        label = path
+        builder, kwargs, split, label = LOCAL_BUILDERS[ext], {"data_files": path}, "train", path
     else:  # a local dataset directory or a hub id
-        kwargs = {k: spec[k] for k in ("name", "data_files", "data_dir", "revision") if spec.get(k) is not None}
-        ds = datasets.load_dataset(path, split=split, **kwargs, **fresh)
-        label = f"{path}[{split}]"
-    return label, ds.to_list()
+        builder, label = path, f"{path}[{split}]"
+    if not os.path.exists(path):  # a hub dataset: its cache is keyed on its revision
+        return label, datasets.load_dataset(builder, split=split, **kwargs).to_list()
+    # Local data is read afresh, into a cache of this process's own: datasets keys its cache of a local file or
+    # directory on the path, not the contents (an edited file was served as it was before), and with a shared
+    # cache the ranks of a multi-process run rebuilt it under each other (a rank's FileNotFoundError for
+    # dataset_info.json, seen on the 2-process Zephyr twin). The rows are read before the cache goes.
+    with tempfile.TemporaryDirectory(prefix="alignkit-data-") as cache:
+        ds = datasets.load_dataset(builder, split=split, cache_dir=cache, verification_mode="no_checks", **kwargs)
+        return label, ds.to_list()
 
 
 # ---------------------------------------------------------------------------------------------------- rows
