@@ -109,8 +109,12 @@ def test_manifest_names_code_inputs_and_config_and_no_secret_leaks(tmp_path, tin
     secrets = {"HF_TOKEN": "hf_fakeSecretToken123", "OPENAI_API_KEY": "sk-fakeSecretKey456"}
     recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, "sft", max_steps=2)
     env = {**os.environ, **secrets}
-    done = subprocess.run(stage_cmd(recipe, tmp_path / "out", "--hub_token", "hf_fakeSecretOnCommandLine789"),
-                          capture_output=True, text=True, timeout=600, env=env)
+    # a token on the command line (or in a recipe) is refused, without echoing it
+    refused = subprocess.run(stage_cmd(recipe, tmp_path / "refused", "--hub_token", "hf_fakeSecretOnCommandLine789"),
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert refused.returncode == 2 and "hub_token: a token never goes in a recipe" in refused.stderr
+    assert "hf_fakeSecretOnCommandLine789" not in refused.stdout + refused.stderr
+    done = subprocess.run(stage_cmd(recipe, tmp_path / "out"), capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     m = json.load(open(tmp_path / "out" / "manifest.json"))
     assert m["stage"] == "sft" and m["seed"] == 7 and m["world_size"] == 1
