@@ -120,7 +120,7 @@ def test_manifest_names_code_inputs_and_config_and_no_secret_leaks(tmp_path, tin
     assert m["stage"] == "sft" and m["seed"] == 7 and m["world_size"] == 1
     from alignkit.artifacts import code_sha256
 
-    assert "git" not in m and m["code_sha256"] == code_sha256() and len(m["code_sha256"]) == 64
+    assert "git" not in m and m["code_sha256"] == code_sha256("sft") and len(m["code_sha256"]) == 64
     assert m["numerics"] == {"cpu": "portable", "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
                              "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert m["lock_sha256"] == hashlib.sha256(

@@ -3,13 +3,14 @@
 The package shows the pipeline in its folders; dependencies point one way, cli → launch → {prepare, train,
 evaluation} → the core, and the three stage folders never import each other (they meet through files on disk):
 
-    cli.py            `alignkit <command>`: the command table, `check`
+    cli.py            `alignkit <command>`, `check`    registry.py    the command table (stages and tools)
     errors.py         the errors a user can fix from the message; command.py: how every command reports them
     config.py         recipes → TRL dataclasses        data.py        sources → validated rows, jsonl
     models.py         loading models and tokenizers    templates.py   named chat templates
     generation.py     batched generation (transformers, vLLM)
     artifacts.py      atomic outputs, manifests        architecture.py  model shapes and memory
     numerics.py       CPU numerics independent of the instruction set      verify.py  did this machine reproduce?
+    sources.py        the source files a command runs (its DVC deps, its manifest's code hash)
     prepare/          base_model, pairs, rejection_sampling
     train/            the stage story (stage.py), checkpoints, saving, one module per stage, stored reference
     evaluation/       evaluate, judges, mtbench, lmeval, alpacaeval, report

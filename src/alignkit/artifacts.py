@@ -17,6 +17,8 @@ import tempfile
 from importlib import metadata
 
 from alignkit.numerics import in_effect
+from alignkit.sources import ROOT as SOURCES_ROOT
+from alignkit.sources import command_modules, source_files
 
 logger = logging.getLogger("alignkit")
 
@@ -145,7 +147,9 @@ def files_under(path: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
-        return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+        # not __pycache__: its .pyc files differ per install (an input that is an installed package's directory)
+        return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) if "__pycache__" not in os.path.relpath(d, path).split(os.sep)
+                      for f in fs)
     return []
 
 
@@ -214,14 +218,13 @@ def tokenizer_hashes(tokenizer) -> dict:
 
 
 def portable_path(path: str) -> str:
-    """How a manifest names an input, the same on every machine: a path inside the working directory (the
-    repository, for DVC stages) relative to it; a file of an installed distribution as 'dist==version:path in
-    the distribution'; anything else (a hub name, a path the user chose) as given."""
+    """How a manifest names an input, the same on every machine: a file of an installed distribution as
+    'dist==version:path in the distribution' (first: a virtual environment may sit inside the repository, as
+    `make venv` puts it); a path inside the working directory (the repository, for DVC stages) relative to it;
+    anything else (a hub name, a path the user chose) as given."""
     if not os.path.exists(path):
         return path
     real, here = os.path.realpath(path), os.path.realpath(os.getcwd())
-    if real == here or real.startswith(here + os.sep):
-        return os.path.relpath(real, here)
     for site in sorted({os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}, key=len, reverse=True):
         if real.startswith(site + os.sep):
             inside = os.path.relpath(real, site)
@@ -229,13 +232,20 @@ def portable_path(path: str) -> str:
             dists = metadata.packages_distributions().get(top, [])
             if dists:
                 return f"{dists[0]}=={metadata.version(dists[0])}:{inside}"
+    if real == here or real.startswith(here + os.sep):
+        return os.path.relpath(real, here)
     return path
 
 
-def code_sha256() -> str:
-    """sha256 of alignkit's own source files: which code produced an output, without naming a commit (the commit
-    that records a DVC lock is made after the outputs it hashes)."""
-    return sha256_path(os.path.dirname(os.path.abspath(__file__)), suffix=".py")
+def code_sha256(command: str) -> str:
+    """sha256 of the alignkit source files `alignkit <command>` runs (alignkit.sources: the files its DVC stage
+    depends on): which code produced an output, without naming a commit (the commit that records a DVC lock is
+    made after the outputs it hashes). Only that closure: a change elsewhere neither reruns the stage in DVC nor
+    changes its manifest, so an output DVC serves from its run cache is the one a fresh run writes."""
+    h = hashlib.sha256()
+    for rel in source_files(command_modules(f"alignkit {command}")):
+        h.update(f"{rel}\0{_file_sha256(os.path.join(SOURCES_ROOT, rel))}\n".encode())
+    return h.hexdigest()
 
 
 def manifest(stage: str, *, inputs: dict[str, str], config: dict | None = None, seed: int | None = None,
@@ -247,7 +257,7 @@ def manifest(stage: str, *, inputs: dict[str, str], config: dict | None = None, 
     logger.info("%s: git %s%s", stage, git["sha"], " (uncommitted changes)" if git["dirty"] else "")
     data = {
         "stage": stage,
-        "code_sha256": code_sha256(),
+        "code_sha256": code_sha256(stage),
         "lock_sha256": sha256_path(lock) if os.path.isfile(lock) else None,
         "inputs": {name: {"path": portable_path(path), "sha256": sha256_path(path)} if files_under(path)
                    else {"path": path, "hub": True} for name, path in sorted(inputs.items()) if path},

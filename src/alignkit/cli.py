@@ -15,23 +15,8 @@ import yaml
 from alignkit.command import run_cli
 from alignkit.errors import RecipeError, nearest
 from alignkit.launch.preflight import accelerate_config_problems, read_accelerate_config
+from alignkit.registry import TOOLS, command_module
 from alignkit.train import STAGES, stage_module, stage_of
-
-# Pipeline tools with their own flags, by folder: before training, after it, scaling out, checking.
-TOOLS = {
-    "base_model": "alignkit.prepare.base_model",
-    "pairs": "alignkit.prepare.pairs",
-    "rejection_sampling": "alignkit.prepare.rejection_sampling",
-    "evaluate": "alignkit.evaluation.evaluate",
-    "mtbench": "alignkit.evaluation.mtbench",
-    "lmeval": "alignkit.evaluation.lmeval",
-    "alpacaeval": "alignkit.evaluation.alpacaeval",
-    "report": "alignkit.evaluation.report",
-    "launch": "alignkit.launch.launch",
-    "plan": "alignkit.launch.plan",
-    "verify": "alignkit.verify",
-    "publish": "alignkit.publish",
-}
 
 USAGE = f"""usage: alignkit <command> [args]
 
@@ -109,7 +94,7 @@ def main(argv=None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "check":
         return run_cli("check", check, rest)
-    module = STAGES.get(command) or TOOLS.get(command)
+    module = command_module(command)
     if module is None:
         print(f"alignkit: unknown command '{command}'; did you mean: {nearest(command, [*STAGES, *TOOLS, 'check'])}",
               file=sys.stderr)

@@ -57,7 +57,8 @@ def materialize(source: str, out_dir: str, *, trust_remote_code: bool = False) -
         }
         with open(os.path.join(tmp, "alignkit_source.json"), "w") as f:
             json.dump({k: v for k, v in info.items() if k != "seconds"}, f, indent=2, sort_keys=True)
-        write_manifest(tmp, manifest("base_model", inputs={"source": path}, tokenizer=tokenizer))
+        # the input is the file itself (a GGUF), not the folder it sits in: nothing else there is read
+        write_manifest(tmp, manifest("base_model", inputs={"source": source}, tokenizer=tokenizer))
     return info
 
 

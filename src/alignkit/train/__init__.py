@@ -1,4 +1,4 @@
-"""The training stages, one module each, and the registry that names them: `alignkit <stage> --config RECIPE`.
+"""The training stages, one module each (named in alignkit/registry.py): `alignkit <stage> --config RECIPE`.
 
 Every stage module declares a `SPEC` (alignkit.train.stage.StageSpec) and a `main(argv)`; cpt's story differs
 (packed text, perplexity before and after) and is written out in cpt.py.
@@ -9,10 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 
-# stage name → module; the command, the module and the DVC stage share the name
-STAGES = {name: f"alignkit.train.{name}" for name in ("cpt", "sft", "dpo", "orpo", "cpo", "kto", "reward")}
-# runs on a DPO recipe without training (`alignkit ref_logps --config R`), launchable like a stage
-STAGES["ref_logps"] = "alignkit.train.ref_logps"
+from alignkit.registry import STAGES  # stage name → module (the command, the module and the DVC stage share it)
 
 
 def stage_module(stage: str):
