@@ -148,8 +148,8 @@ def files_under(path: str) -> list[str]:
         return [path]
     if os.path.isdir(path):
         # not __pycache__: its .pyc files differ per install (an input that is an installed package's directory)
-        return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) if "__pycache__" not in os.path.relpath(d, path).split(os.sep)
-                      for f in fs)
+        return sorted(os.path.join(d, f) for d, _, fs in os.walk(path)
+                      if "__pycache__" not in os.path.relpath(d, path).split(os.sep) for f in fs)
     return []
 
 
