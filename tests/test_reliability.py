@@ -154,7 +154,7 @@ def test_manifests_are_the_same_wherever_the_repository_is_and_hold_no_machine_f
         (repo / "data").mkdir(parents=True)
         (repo / "data" / "rows.jsonl").write_text('{"prompt": "hi"}\n')
         monkeypatch.chdir(repo)
-        made.append(manifest("t", inputs={"rows": str(repo / "data" / "rows.jsonl"), "base": package_dir,
+        made.append(manifest("base_model", inputs={"rows": str(repo / "data" / "rows.jsonl"), "base": package_dir,
                                           "hub": "HuggingFaceH4/zephyr-7b-beta"}))
     assert made[0] == made[1]
     m = made[0]
@@ -165,7 +165,8 @@ def test_manifests_are_the_same_wherever_the_repository_is_and_hold_no_machine_f
     text = json.dumps(m)
     assert socket.gethostname() not in text and str(tmp_path) not in text and sys.prefix not in text
     monkeypatch.setenv("ALIGNKIT_BASE_IMAGE", "nvidia/cuda:13.0.2-cudnn-devel-ubuntu22.04")
-    assert manifest("t", inputs={})["container"] == {"base_image": "nvidia/cuda:13.0.2-cudnn-devel-ubuntu22.04"}
+    image = {"base_image": "nvidia/cuda:13.0.2-cudnn-devel-ubuntu22.04"}
+    assert manifest("base_model", inputs={})["container"] == image
 
 
 def test_too_little_disk_for_a_checkpoint_is_refused_before_training(tmp_path):
