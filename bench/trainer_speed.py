@@ -10,11 +10,17 @@ bench/results/smol_pipeline.json). stock: TRL's
 own config defaults for everything the recipe does not state (gradient checkpointing on, random batches, reference
 forward every step), with only `bf16=False, use_cpu=True` added because TRL's bf16 default cannot run on this CPU.
 Both run one full epoch of the same rows with the same global batch.
-Reported: seconds per step (mean over the epoch, first step excluded as warm-up), tokens/s (non-padding tokens
-through the policy), padding fraction of the batches, peak RSS, and utilisation = model FLOP/s ÷ this machine's
-fp32 matmul peak measured in the same process. Model FLOPs per token: 2·N forward; backward 2·N through a frozen
-base (LoRA computes input gradients only, no weight gradients) or 4·N for full fine-tuning; 2·N for a reference
-forward. Recomputation under gradient checkpointing and padding positions are not useful work and are not counted.
+Reported: seconds per step (mean over the epoch, first step excluded as warm-up), tokens/s (the tokens the step
+needs through the policy, below), padding fraction of the batches, peak RSS, and utilisation = model FLOP/s ÷ this
+machine's fp32 matmul peak measured in the same process.
+
+Model FLOPs count the work the algorithm needs, the same for both variants, not what an implementation does: the
+backbone (every weight but the embedding/LM head, N_b) once per needed token — for DPO the prompt once and both
+answers, for SFT every token — and the LM head (vocabulary × hidden, N_h) only where a log-prob is scored (DPO: the
+answers; SFT: the labelled tokens). 2 FLOPs per weight and token forward; backward the same again through a frozen
+base (LoRA computes input gradients only) or twice that for full fine-tuning. Not counted: a reference forward (its
+log-probs can be computed once, as alignkit does), recomputation under gradient checkpointing, padding, the prompt's
+second pass and the prompt positions' LM head in TRL's layout.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import sys
 import time
 
 RECIPES = {"sft": "recipes/smol/sft.yaml", "dpo": "recipes/smol/dpo.yaml"}
+STOCK_TRAINERS = {"sft": "trl:SFTTrainer", "dpo": "trl:DPOTrainer"}  # TRL's own, for the stock variant
 
 
 def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
@@ -42,19 +49,21 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def build(stage: str, variant: str, steps: int | None):
+def build(stage: str, variant: str, steps: int | None, bf16: bool = False):
     """The stage's trainer for the smol recipe; `steps` None = the recipe's own length (one epoch)."""
     import importlib
 
     from alignkit.train.stage import import_object, load_inputs, make_trainer
 
-    module = importlib.import_module(f"alignkit.{stage}")
+    module = importlib.import_module(f"alignkit.train.{stage}")
     spec = module.SPEC
     max_steps = steps or -1  # -1: num_train_epochs decides
     overrides = ["--max_steps", str(max_steps), "--output_dir", f"/tmp/alignkit-bench-{stage}-{variant}",
                  "--save_strategy", "no", "--logging_steps", "1"]
     if variant == "stock":  # TRL in a plain process: glibc's own malloc, no stored reference log-probs
         overrides += ["--cpu_keep_freed_memory", "false"] + (["--ref_logps", ""] if stage == "dpo" else [])
+    if bf16:  # alignkit's opt-in CPU precision: bf16 autocast, fp32 master weights
+        overrides += ["--bf16", "true", "--use_cpu", "true"]
     recipe = spec.parse(["--config", RECIPES[stage], *overrides])
     if variant == "stock":
         config_cls = import_object(spec.config)
@@ -64,17 +73,22 @@ def build(stage: str, variant: str, steps: int | None):
         stated.pop("precompute_ref_log_probs", None)  # a recipe choice alignkit makes by default for DPO
         recipe.train = config_cls(**stated)
     train_ds, eval_ds, _, tokenizer, model = load_inputs(recipe, spec.data_kind, prepare_data=spec.prepare_data)
-    trainer = make_trainer(import_object(spec.trainer), recipe, model, tokenizer, train_ds, eval_ds)
+    trainer_cls = import_object(STOCK_TRAINERS[stage] if variant == "stock" else spec.trainer)
+    trainer = make_trainer(trainer_cls, recipe, model, tokenizer, train_ds, eval_ds)
     return recipe, trainer, model
 
 
-def tokens_per_example(trainer, stage: str) -> float:
+def needed_tokens_per_example(trainer, stage: str) -> tuple[float, float]:
+    """(backbone tokens, LM-head tokens) the algorithm needs per example (see the module's docstring)."""
     ds = trainer.train_dataset
-    if stage == "dpo":  # prompt + chosen and prompt + rejected both go through the policy
-        lengths = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in ds]
+    if stage == "dpo":
+        work = [(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]),
+                 len(r["chosen_ids"]) + len(r["rejected_ids"])) for r in ds]
     else:
-        lengths = [len(r["input_ids"]) for r in ds]
-    return sum(lengths) / len(lengths)
+        mask = "assistant_masks" if "assistant_masks" in ds.column_names else "completion_mask"
+        work = [(len(r["input_ids"]), sum(r[mask]) if mask in ds.column_names else len(r["input_ids"]) - 1)
+                for r in ds]
+    return sum(b for b, _ in work) / len(work), sum(h for _, h in work) / len(work)
 
 
 def table(results_dir: str) -> str:
@@ -100,14 +114,54 @@ def table(results_dir: str) -> str:
                       *rows, "", "; ".join(ratios), ""])
 
 
+def interleave(stage: str, rounds: int, steps: int | None, out_dir: str) -> None:
+    """Each variant ROUNDS times in fresh processes, alternating ABBA; per variant the mean of its rounds' seconds per
+    step (and tokens/s, utilisation from it), every round kept under "rounds"."""
+    import subprocess
+    import tempfile
+
+    order = [v for r in range(rounds) for v in (("stock", "alignkit") if r % 2 == 0 else ("alignkit", "stock"))]
+    runs: dict[str, list] = {"stock": [], "alignkit": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, variant in enumerate(order):
+            out = os.path.join(tmp, f"{i}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--variant", variant, "--out", out]
+            subprocess.run(cmd + (["--steps", str(steps)] if steps else []), check=True, stdout=subprocess.DEVNULL)
+            runs[variant].append(json.load(open(out)))
+            print(f"{stage} {variant}: {runs[variant][-1]['seconds_per_step']} s/step", file=sys.stderr)
+    os.makedirs(out_dir, exist_ok=True)
+    for variant, results in runs.items():
+        merged = dict(results[0])
+        per_step = sum(r["seconds_per_step"] for r in results) / len(results)
+        scale = results[0]["seconds_per_step"] / per_step
+        merged.update(seconds_per_step=round(per_step, 3),
+                      tokens_per_second=round(results[0]["tokens_per_second"] * scale, 1),
+                      model_gflops_per_second=round(results[0]["model_gflops_per_second"] * scale, 1),
+                      matmul_peak_gflops=round(sum(r["matmul_peak_gflops"] for r in results) / len(results), 1),
+                      peak_rss_gib=max(r["peak_rss_gib"] for r in results),
+                      rounds=[{k: r[k] for k in ("seconds_per_step", "matmul_peak_gflops")} for r in results])
+        merged["utilisation_of_matmul_peak"] = round(merged["model_gflops_per_second"] / merged["matmul_peak_gflops"],
+                                                     3)
+        with open(os.path.join(out_dir, f"speed_{stage}_{variant}.json"), "w") as f:
+            json.dump(merged, f, indent=2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=sorted(RECIPES))
     p.add_argument("--variant", choices=["alignkit", "stock"])
     p.add_argument("--steps", type=int, default=None, help="default: one epoch")
+    p.add_argument("--bf16", action="store_true", help="the opt-in CPU precision (alignkit variant); with "
+                   "ALIGNKIT_CPU_NUMERICS=native, or the bf16 units stay unused")
     p.add_argument("--out")
     p.add_argument("--table", metavar="RESULTS_DIR", help="write RESULTS_DIR/trainer_speed.md from the four runs")
+    p.add_argument("--interleave", type=int, metavar="ROUNDS",
+                   help="run both variants of --stage ROUNDS times each, in the order stock, alignkit, alignkit, "
+                        "stock, ... (machine noise hits both), into --out DIR/speed_<stage>_<variant>.json")
     args = p.parse_args()
+    if args.interleave:
+        interleave(args.stage, args.interleave, args.steps, args.out)
+        return
     if args.table:
         text = table(args.table)
         with open(os.path.join(args.table, "trainer_speed.md"), "w") as f:
@@ -118,10 +172,11 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
+    from alignkit.numerics import in_effect
     from alignkit.train.batches import padding_fraction
 
     peak = matmul_peak_gflops()
-    recipe, trainer, model = build(args.stage, args.variant, args.steps)
+    recipe, trainer, model = build(args.stage, args.variant, args.steps, args.bf16)
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -141,11 +196,15 @@ def main() -> None:
     steady = timer.times[1:] or timer.times
     per_step = sum(steady) / len(steady)
     examples = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
-    tokens = tokens_per_example(trainer, args.stage) * examples
-    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    backbone_tokens, head_tokens = (x * examples for x in needed_tokens_per_example(trainer, args.stage))
+    tokens = backbone_tokens
+    head = model.get_output_embeddings().weight.numel()
+    n_backbone = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name) - head
+    if not model.config.tie_word_embeddings:
+        n_backbone -= model.get_input_embeddings().weight.numel()
     lora = any("lora_" in name for name, _ in model.named_parameters())
-    reference = args.stage == "dpo" and not trainer.args.precompute_ref_log_probs
-    flops_per_token = 2 * n + (2 * n if lora else 4 * n) + (2 * n if reference else 0)
+    forward = 2 * n_backbone * backbone_tokens + 2 * head * head_tokens
+    flops = forward * (2 if lora else 3)
     result = {
         "stage": args.stage, "variant": args.variant, "steps": trainer.state.global_step,
         "sampling": str(getattr(trainer.args.train_sampling_strategy, "value", trainer.args.train_sampling_strategy)),
@@ -158,9 +217,11 @@ def main() -> None:
         "train_seconds_total": round(total, 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
         "matmul_peak_gflops": round(peak, 1),
-        "model_gflops_per_second": round(flops_per_token * tokens / per_step / 1e9, 1),
-        "utilisation_of_matmul_peak": round(flops_per_token * tokens / per_step / 1e9 / peak, 3),
-        "threads": torch.get_num_threads(),
+        "lm_head_tokens_per_step": round(head_tokens, 1),
+        "model_gflops_per_second": round(flops / per_step / 1e9, 1),
+        "utilisation_of_matmul_peak": round(flops / per_step / 1e9 / peak, 3),
+        "threads": torch.get_num_threads(), "numerics": in_effect()["cpu"],
+        "precision": "bf16 autocast" if trainer.args.bf16 else "fp32",
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -170,4 +231,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    import alignkit  # noqa: F401  (before torch: its CPU numerics act only when they come first)
+
     main()

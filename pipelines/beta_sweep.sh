@@ -2,7 +2,8 @@
 # A β sweep of the smol DPO stage as DVC experiments (`make sweep`): each β is `dvc exp run --temp dpo -S dpo.beta=…`
 # in a temporary copy of the workspace, so the workspace and its committed results stay as they are. The reference
 # log-probs (stage ref_logps) are computed once by the baseline; every β reads them — only dpo runs.
-# Writes reports/sweep.md: the experiments table (dvc exp show) and the stages each experiment ran.
+# Writes reports/sweep.md: the experiments table (dvc exp show), the stages each experiment ran, and
+# reports/sweep/beta.png: each held-out metric against β.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -37,5 +38,10 @@ done
   dvc exp show --md --no-pager --only-changed --drop 'Created|State|Executor' \
     --keep 'dpo.beta|eval_loss|eval_reward_accuracy|eval_reward_margin|train_loss'
 } >> "$out.tmp"
+dvc exp show --json --no-pager > reports/sweep.exp.json.tmp
+python -m alignkit.evaluation.figures sweep reports/sweep.exp.json.tmp dpo.beta reports/sweep/beta.png \
+  eval_loss eval_reward_accuracy eval_reward_margin
+rm reports/sweep.exp.json.tmp
+printf '\n![held-out metrics against β](sweep/beta.png)\n' >> "$out.tmp"
 mv "$out.tmp" "$out"
 cat "$out"

@@ -11,15 +11,29 @@ import subprocess
 import time
 
 
+def installed() -> bool:
+    return all(shutil.which(x) for x in ("sbatch", "slurmctld", "slurmd", "munged"))
+
+
 def ensure_installed() -> None:
-    if all(shutil.which(x) for x in ("sbatch", "slurmctld", "slurmd", "munged")):
+    """Under `make test` two pytest workers start their Slurm tests at once: on a machine without Slurm both ran
+    apt-get, and the second died on dpkg's lock (CI of a fresh clone, 2026-12-06). One installs at a time (a file
+    lock), the other finds it done; apt itself also waits for a lock another program holds."""
+    import fcntl
+
+    if installed():
         return
     if os.geteuid() != 0:
         raise RuntimeError("the Slurm test needs root to install slurm-wlm and munge (apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"], check=True, capture_output=True,
-                   env=env, timeout=900)
+    wait = ["-o", "DPkg::Lock::Timeout=600"]
+    with open("/tmp/alignkit-tests-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if installed():
+            return
+        subprocess.run(["apt-get", *wait, "update", "-qq"], check=True, capture_output=True, env=env, timeout=600)
+        subprocess.run(["apt-get", *wait, "install", "-y", "-qq", "slurm-wlm", "munge"], check=True,
+                       capture_output=True, env=env, timeout=900)
 
 
 def _free_port() -> int:

@@ -29,8 +29,8 @@ def stages():
 
 
 def test_the_closure_follows_packages_lazy_and_named_imports():
-    # dpo names its trainer as 'alignkit.train.stored_reference:StoredReferenceDPOTrainer'
-    assert "alignkit.train.stored_reference" in imports_of("alignkit.train.dpo")
+    # dpo names its trainer as 'alignkit.train.scoring:PairScoringDPOTrainer'
+    assert "alignkit.train.scoring" in imports_of("alignkit.train.dpo")
     assert {"alignkit", "alignkit.train", "alignkit.train.stage", "alignkit.config", "alignkit.data",
             "alignkit.models", "alignkit.train.checkpoints"} <= closure({"alignkit.train.sft"})
     assert command_modules("alignkit launch dpo --config r.yaml") == {"alignkit.cli", "alignkit.launch.launch",

@@ -13,7 +13,7 @@ import sys
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 # Libraries that take seconds to import, or exist only on some machines: a function that needs one imports it.
 DEFERRED = {"torch", "transformers", "trl", "peft", "datasets", "bitsandbytes", "accelerate", "deepspeed", "lm_eval",
-            "alpaca_eval", "vllm", "safetensors", "tqdm", "psutil"}
+            "alpaca_eval", "vllm", "safetensors", "tqdm", "psutil", "dvclive", "matplotlib"}
 LAYER = {"prepare": 1, "train": 1, "evaluation": 1, "launch": 2, "cli": 3, "__main__": 4}  # the core is 0
 
 

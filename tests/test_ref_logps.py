@@ -206,3 +206,28 @@ def test_beta_sweep_with_dvc_experiments_reruns_only_dpo(tmp_path, tiny_model, t
 
     out = run("dvc", "exp", "run", "-S", "dpo.yaml:max_length=48")
     assert "Running stage 'ref_logps'" in out and "Running stage 'dpo'" in out
+
+
+def test_the_artifact_names_no_absolute_path(tmp_path, tiny_model, tiny_data, monkeypatch):
+    """A recipe of repository-relative paths, as the pipelines' are: the manifest DVC hashes holds no path of this
+    machine (it named the reference pass's absolute run directory, so a clone elsewhere rewrote dvc.lock)."""
+    import shutil
+
+    from alignkit.train import ref_logps
+
+    shutil.copytree(tiny_model, tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    for name in ("pref_train", "pref_test"):
+        shutil.copy(tiny_data[name], tmp_path / "data" / f"{name}.jsonl")
+    monkeypatch.chdir(tmp_path)
+    relative = {k: f"data/{k}.jsonl" for k in ("pref_train", "pref_test")}
+    recipe = tiny_recipe(tmp_path, "model", relative, "dpo", output_dir="build/dpo", ref_logps="build/ref")
+    ref_logps.compute(["--config", os.path.relpath(recipe)])
+    text = open(tmp_path / "build" / "ref" / "manifest.json").read()
+
+    def strings(x):
+        if isinstance(x, dict):
+            return [s for v in x.values() for s in strings(v)]
+        return [s for v in x for s in strings(v)] if isinstance(x, list) else [x] if isinstance(x, str) else []
+
+    assert str(tmp_path) not in text and not [s for s in strings(json.loads(text)) if s.startswith("/")]

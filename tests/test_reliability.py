@@ -23,7 +23,21 @@ from conftest import tiny_recipe
 
 
 def stage_cmd(recipe, out, *extra):
-    return [sys.executable, "-m", "alignkit", "sft", "--config", recipe, "--output_dir", str(out), *extra]
+    """The stage, tracked by DVCLive in <out>-metrics/dvclive/sft (its curves must survive a kill too)."""
+    return [sys.executable, "-m", "alignkit", "sft", "--config", recipe, "--output_dir", str(out),
+            "--report_to", "dvclive", "--metrics_dir", f"{out}-metrics", *extra]
+
+
+def dvclive_files(out) -> dict:
+    """DVCLive's files of a run, byte for byte, less params.yaml (it names the run's output directory)."""
+    root = f"{out}-metrics/dvclive/sft"
+    files = {}
+    for d, _, names in os.walk(root):
+        for name in names:
+            rel = os.path.relpath(os.path.join(d, name), root)
+            if rel != "params.yaml":
+                files[rel] = open(os.path.join(d, name), "rb").read()
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +63,10 @@ def same_result(out, ref) -> None:
     log_a, log_b = ([{k: v for k, v in r.items() if k != "num_tokens"} for r in csv.DictReader(open(
         os.path.join(d, "train_log.csv")))] for d in (out, ref))
     assert log_a == log_b and len(log_a) == 30
+    # DVCLive's curves: the resumed run replays the checkpoint's history, then goes on as the uninterrupted one did
+    live_a, live_b = dvclive_files(out), dvclive_files(ref)
+    assert live_a == live_b and "metrics.json" in live_b
+    assert len(live_b["plots/metrics/train/loss.tsv"].splitlines()) == 31
 
 
 def test_kill_9_at_a_random_checkpoint_then_rerun_equals_uninterrupted(reference):
@@ -121,8 +139,8 @@ def test_manifest_names_code_inputs_and_config_and_no_secret_leaks(tmp_path, tin
     from alignkit.artifacts import code_sha256
 
     assert "git" not in m and m["code_sha256"] == code_sha256("sft") and len(m["code_sha256"]) == 64
-    assert m["numerics"] == {"cpu": "portable", "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-                             "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert m["numerics"] == {"cpu": "portable", "MKL_CBWR": "AVX2,STRICT", "ATEN_CPU_CAPABILITY": "avx2",
+                             "ONEDNN_MAX_CPU_ISA": "AVX2", "bitsandbytes_4bit": "training kernel"}
     assert m["lock_sha256"] == hashlib.sha256(
         f"cpu.lock\0{hashlib.sha256(open('requirements/cpu.lock', 'rb').read()).hexdigest()}\n".encode()).hexdigest()
     data = tiny_data["sft_train"]

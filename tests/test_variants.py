@@ -59,6 +59,29 @@ def test_qlora_model_is_really_4bit(tmp_path, tiny_qlora_model, tiny_data):
     assert linear4[0].weight.quant_state.nested  # double quantisation
 
 
+def test_a_4bit_model_computes_the_same_bits_in_eval_and_in_training_on_any_cpu(tmp_path, tiny_qlora_model,
+                                                                                  tiny_data):
+    """On a CPU with AVX-512 BF16, bitsandbytes would run eval-mode, no-grad 4-bit layers (evaluation, the reference
+    pass) through a packed-weight kernel that training does not use: a QLoRA DPO's reference log-probs would then
+    differ from the policy's at step 0 (the anima twin: loss 0.6808, not ln 2, on such a CPU). Portable numerics
+    keep every 4-bit layer on the training kernel (AVX2-only CPUs never pack: there this holds trivially)."""
+    import bitsandbytes as bnb
+    import torch
+
+    model = load_4bit(tmp_path, tiny_qlora_model, tiny_data)
+    assert not any(m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200]])
+    model.train()
+    with torch.no_grad():
+        trained = model(ids).logits
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(ids).logits
+    assert torch.equal(trained, evaluated)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
 def test_4bit_cpu_packing_shapes_are_checked_on_every_cpu(tmp_path, tiny_model, tiny_qlora_model, tiny_data):
     """bitsandbytes' AVX-512 BF16 packing (pure torch, so it runs on any CPU) accepts every layer of the QLoRA test
     model, and refuses the hidden-32 model exactly where alignkit's check does, which names the layer instead."""

@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-from alignkit.command import run_cli
+from alignkit.command import configure_output, run_cli
 from alignkit.errors import RecipeError, nearest
 from alignkit.launch.preflight import accelerate_config_problems, read_accelerate_config
 from alignkit.registry import TOOLS, command_module
@@ -26,6 +26,7 @@ validate recipes without training:
   check RECIPE [RECIPE ...]     (stage from the file name: recipes/<name>/<stage>*.yaml, or --stage)
 pipeline tools:
   {', '.join(TOOLS)}
+--verbose (anywhere; or ALIGNKIT_LOG_LEVEL=INFO): every library's log and warnings, not only alignkit's
 """
 
 
@@ -87,7 +88,7 @@ def check(argv: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = configure_output(list(sys.argv[1:] if argv is None else argv))  # before a command's imports
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2

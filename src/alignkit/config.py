@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,7 +137,9 @@ class Recipe:
         return precision in self.half_precision or bool(getattr(self.train, precision))
 
     def resolved(self) -> dict:
-        """Flat dict of every key of this recipe, as it will be used (written next to each stage output)."""
+        """Flat dict of every key of this recipe, as it will be used (written next to each stage output).
+        `output_dir` is the recipe's own: the Trainer's is the run directory alignkit points it at (an absolute,
+        per-run path that must not reach a manifest, a config.yaml or a checkpoint fingerprint)."""
         out: dict[str, Any] = {}
         for group in (self.data, self.alignkit, self.model):
             out.update(dataclasses.asdict(group))
@@ -144,6 +147,7 @@ class Recipe:
         for key in ("hub_token", "push_to_hub_token"):  # never written anywhere
             train.pop(key, None)
         out.update(train)
+        out["output_dir"] = self.output_dir
         return out
 
 
@@ -305,6 +309,7 @@ def load_recipe(
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: {e}") from e
 
+    train.report_to = check_report_to(train.report_to, where)
     recipe = Recipe(config_path, data, model, own, train, explicit, notes, half, output_dir=train.output_dir)
     # The Trainer would push every checkpoint as it saves; alignkit publishes the finished output once, after its
     # atomic rename (train/stage.py: finish).
@@ -314,6 +319,26 @@ def load_recipe(
     recipe.publish_to, train.push_to_hub = (train.hub_model_id if train.push_to_hub else None), False
     validate(recipe, for_check=for_check, has_cuda=has_cuda, stage_check=stage_check)
     return recipe
+
+
+# report_to: the trackers alignkit supports and the packages each needs (extras: pip install -e '.[tracking]').
+# "all" is refused: it would log to whatever happens to be installed.
+TRACKERS = {"none": (), "dvclive": ("dvclive",), "tensorboard": ("tensorboard", "tensorboardX"),
+            "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def check_report_to(report_to, where: str) -> list[str]:
+    """The recipe's trackers as a list ([]: none), each known and importable (found without importing it)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or ["none"])
+    for name in names:
+        if name not in TRACKERS:
+            raise RecipeError(f"{where}: report_to: unknown tracker '{name}'; nearest valid: "
+                              f"{nearest(name, TRACKERS)} (any of {', '.join(TRACKERS)})")
+        packages = TRACKERS[name]
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            raise RecipeError(f"{where}: report_to: {name} needs the {' or '.join(packages)} package, which is not "
+                              f"installed: pip install -e '.[tracking]'")
+    return [n for n in names if n != "none"]
 
 
 def validate_source_spec(spec, label: str, where: str) -> dict:

@@ -13,6 +13,7 @@ import logging
 import os
 
 from alignkit.errors import RecipeError, UsageError
+from alignkit.numerics import portable_4bit
 from alignkit.templates import NAMED_TEMPLATES, resolve_chat_template
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ def load_model(recipe, tokenizer, *, auto_class=None, **model_kwargs):
         **model_kwargs,
     )
     if quant is not None and getattr(quant, "load_in_4bit", False):
+        portable_4bit(model)  # the same bits on any CPU (numerics.py); then no layer is packed
         check_cpu_4bit_packing(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     if own.adapter_path:

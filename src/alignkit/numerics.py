@@ -1,6 +1,15 @@
 """CPU numerics that do not depend on the machine's instruction set, so a CPU pipeline gives the same bits on any
 x86-64 CPU with AVX2: on a CPU with AVX-512, MKL (torch's CPU BLAS), ATen's vectorised kernels and oneDNN otherwise
-pick AVX-512 code paths whose sums round differently in the low bits (metrics then differ in the 6th digit).
+pick AVX-512 code paths whose sums round differently in the low bits (metrics then differ in the 6th digit). On a
+CPU with AVX-512 BF16, bitsandbytes also runs 4-bit layers in eval mode without gradients (evaluation, the
+reference pass) through a kernel of its own on repacked weights, which the training pass does not use: a QLoRA
+DPO's reference log-probs then differ from the policy's at step 0 (rewards not 0, the anima twin's loss 0.6808
+instead of ln 2). `bitsandbytes_4bit` keeps every 4-bit layer on the kernel training uses (models.py).
+
+MKL's AVX2 branch is taken in its strict mode (`MKL_CBWR=AVX2,STRICT`): without STRICT, MKL's threaded sgemm splits
+a large product differently for each thread count (the same step's gradient norm differed between 1 and 2 threads),
+so results would depend on how many cores a machine has, and its batched products for attention scores round
+differently from the strict branch on Intel CPUs; with it, neither happens (tests/test_numerics.py).
 
 Applied when `alignkit` is imported, before torch is (torch and its libraries read these when they load), as
 defaults: a value already in the environment wins. `ALIGNKIT_CPU_NUMERICS=native` turns them off, for speed on
@@ -15,7 +24,7 @@ import platform
 import sys
 
 SWITCH = "ALIGNKIT_CPU_NUMERICS"  # portable (default) | native
-PORTABLE_CPU_ENV = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+PORTABLE_CPU_ENV = {"MKL_CBWR": "AVX2,STRICT", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 _state: dict = {}
 
 
@@ -37,4 +46,18 @@ def in_effect() -> dict:
     apply()
     settings = {k: os.environ.get(k) for k in PORTABLE_CPU_ENV}
     portable = settings == PORTABLE_CPU_ENV and not _state["torch_first"]
-    return {"cpu": "portable" if portable else "native", **settings}
+    return {"cpu": "portable" if portable else "native", **settings,
+            "bitsandbytes_4bit": "training kernel" if portable else "as the CPU allows"}
+
+
+def portable_4bit(model) -> None:
+    """In portable mode, every bitsandbytes 4-bit layer of `model` on CPU computes with the kernel the training
+    pass uses, also in eval mode: bitsandbytes' own per-layer switch for its AVX-512 BF16 inference path
+    (Linear4bit.support_avx512bf16_for_cpu, read on every forward) is turned off. Nothing else changes."""
+    if in_effect()["cpu"] != "portable":
+        return
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -144,7 +144,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--annotator_key_env", default="OPENAI_API_KEY")
     p.add_argument("--chat_template", default=None)
     p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="prompts per generation call (default: 64 on CPU, 16 on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto")
     p.add_argument("--out_dir", required=True, help="answers and annotations (DVC output)")

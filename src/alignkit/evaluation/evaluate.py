@@ -78,7 +78,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--chat_template", default=None)
     p.add_argument("--max_new_tokens", type=int, default=32)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="prompts per generation call (default: 64 on CPU, 16 on a GPU)")
     p.add_argument("--out", required=True, help="metrics JSON")
     p.add_argument("--generations", required=True, help="jsonl of prompts, references and every model's answer")
     args = p.parse_args(argv)

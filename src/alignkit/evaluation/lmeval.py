@@ -116,14 +116,21 @@ def model_args(base: str, model_dir: str | None, batch_size: int) -> dict:
 def evaluate_model(args_for_model: dict, plan, *, apply_chat_template: bool, limit, seed: int) -> tuple[dict, dict]:
     """Run every planned task on one model. Returns (results by task, samples by task)."""
     import lm_eval
+    from lm_eval.tasks import TaskManager
 
+    # The project's own task configs need none of lm-eval's bundled task YAMLs, whose index simple_evaluate would
+    # parse anew for each model (thousands of files: about a third of the smol lmeval stage on CPU). The metadata
+    # is what simple_evaluate attaches by default: the model arguments.
+    local = all(isinstance(task, dict) for task, _, _ in plan)
+    task_manager = TaskManager(include_defaults=False, metadata=dict(args_for_model)) if local else None
     results, samples, configs = {}, {}, {}
     groups: dict[int | None, list] = {}
     for task, shots, metric in plan:
         groups.setdefault(shots, []).append(task)
     for shots, tasks in groups.items():
         out = lm_eval.simple_evaluate(
-            model="hf", model_args=args_for_model, tasks=tasks, num_fewshot=shots, limit=limit,
+            model="hf", model_args=args_for_model, tasks=tasks, task_manager=task_manager, num_fewshot=shots,
+            limit=limit,
             apply_chat_template=apply_chat_template, fewshot_as_multiturn=apply_chat_template, log_samples=True,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             bootstrap_iters=1000,

@@ -1,7 +1,10 @@
-"""`report` stage: one markdown page with the base/SFT/DPO metrics table and before/after generations.
+"""`report` stage: one markdown page with the base/SFT/DPO metrics tables, figures and before/after generations.
 
     alignkit report --evaluate metrics/evaluate.json --stages metrics/sft.json metrics/dpo.json \
         --generations build/eval/generations.jsonl --out reports/smol.md
+
+The figures (evaluation/figures.py) go beside the page, in a folder of its name (reports/smol/*.png), and the page
+embeds them by relative path, so they show wherever the repository is browsed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from alignkit.artifacts import write_text
 from alignkit.command import run_cli
 from alignkit.data import read_jsonl
 from alignkit.errors import UsageError
+from alignkit.evaluation import figures
 
 ROWS = [
     ("task_agreement", "task agreement (greedy answer == reference)"),
@@ -56,22 +60,6 @@ def mtbench_lines(mt: dict) -> list[str]:
     return lines
 
 
-def bar(value, top: float, width: int = 20) -> str:
-    """A text bar (the report is plain markdown; `dvc plots show` draws the real plot)."""
-    return "" if value is None or top <= 0 else "█" * max(0, round(width * value / top))
-
-
-def mtbench_bars(mt: dict) -> list[str]:
-    models = list(mt["models"])
-    cats = sorted({c for m in mt["models"].values() for c in m["categories"]})
-    lines = ["", "Per category (`dvc plots show metrics/mtbench_categories.csv`):", "", "```"]
-    for c in cats:
-        for m in models:
-            v = mt["models"][m]["categories"].get(c)
-            lines.append(f"{c[:12]:<12} {m[:6]:<6} {bar(v, 10.0)} {_cell(v)}")
-    return lines + ["```"]
-
-
 def lmeval_lines(lm: dict, order: list[str] | None = None) -> list[str]:
     """One row per (task, metric), one column per model (in the report's model order); stderr beside the score."""
     models = [m for m in (order or []) if m in lm["models"]] + [m for m in lm["models"] if m not in (order or [])]
@@ -105,9 +93,15 @@ def alpacaeval_lines(ae: dict) -> list[str]:
     return lines + ["", f"Annotator: {judge['config']} ({judge.get('model') or 'its default model'})."]
 
 
+def figure(figs: dict, key: str, caption: str) -> list[str]:
+    return ["", f"![{caption}]({figs[key]})"] if key in figs else []
+
+
 def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: int,
            title: str = "smol pipeline report", intro: str = DEFAULT_INTRO, mtbench: dict | None = None,
-           lmeval: dict | None = None, alpacaeval: dict | None = None) -> str:
+           lmeval: dict | None = None, alpacaeval: dict | None = None, figs: dict | None = None) -> str:
+    """The page; `figs`: figure name (evaluation, training, mtbench) → its path relative to the page."""
+    figs = figs or {}
     # a pipeline without the evaluate stage (Zephyr: MT-Bench and lm-eval only) takes its models from those
     models = list(evaluation) or list((mtbench or {}).get("models", {})) or list((lmeval or {}).get("models", {}))
     lines = [f"# {title}", "", intro]
@@ -115,6 +109,7 @@ def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: 
         lines += ["", "## Evaluation", "", "| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
         for key, label in ROWS:
             lines.append(f"| {label} | " + " | ".join(_cell(evaluation[m].get(key)) for m in models) + " |")
+        lines += figure(figs, "evaluation", "evaluation metrics per model")
     if stages:
         lines += ["", "## Training", "", "| stage | train loss | eval loss | steps | held-out reward accuracy | "
                   "held-out reward margin |", "|---|---|---|---|---|---|"]
@@ -127,8 +122,9 @@ def render(evaluation: dict, stages: dict, generations: list[dict], n_examples: 
             if "eval_perplexity" in m:
                 lines += ["", f"{name}: held-out perplexity {_cell(m['eval_perplexity_before'])} before → "
                               f"{_cell(m['eval_perplexity'])} after training."]
+        lines += figure(figs, "training", "training curves per stage")
     if mtbench:
-        lines += mtbench_lines(mtbench) + mtbench_bars(mtbench)
+        lines += mtbench_lines(mtbench) + figure(figs, "mtbench", "MT-Bench-style score per category")
     if lmeval:
         lines += lmeval_lines(lmeval, models)
     if alpacaeval:
@@ -172,10 +168,26 @@ def run(argv: list[str]) -> int:
     generations = read_jsonl(args.generations) if args.generations else []
     extra = {key: json.load(open(getattr(args, key))) if getattr(args, key) else None
              for key in ("mtbench", "lmeval", "alpacaeval")}
-    text = render(evaluation, stages, generations, args.examples, args.title, args.intro, **extra)
+    figs = make_figures(args.out, evaluation, dict(zip(stages, args.stages)), extra["mtbench"])
+    text = render(evaluation, stages, generations, args.examples, args.title, args.intro, figs=figs, **extra)
     write_text(args.out, text)
     print(f"report: {args.out}")
     return 0
+
+
+def make_figures(out: str, evaluation: dict, stage_files: dict[str, str], mtbench: dict | None) -> dict:
+    """The report's PNGs in <out without .md>/ (stale ones removed); name → path relative to the page."""
+    folder = os.path.splitext(out)[0]
+    made = {
+        "evaluation": figures.evaluation_figure(evaluation, ROWS, os.path.join(folder, "evaluation.png"))
+        if evaluation else None,
+        "training": figures.training_figure(stage_files, os.path.join(folder, "training.png")),
+        "mtbench": figures.mtbench_figure(mtbench, os.path.join(folder, "mtbench.png")) if mtbench else None,
+    }
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.endswith(".png") and name[:-4] not in {k for k, v in made.items() if v}:
+            os.remove(os.path.join(folder, name))
+    return {k: os.path.relpath(v, os.path.dirname(out) or ".") for k, v in made.items() if v}
 
 
 def main(argv=None) -> int:

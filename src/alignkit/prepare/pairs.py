@@ -17,7 +17,7 @@ from alignkit.architecture import architecture, check_generation_fits
 from alignkit.artifacts import manifest, write_json, write_manifest
 from alignkit.command import run_cli
 from alignkit.data import CONVERSATION, load_source_rows, normalize_rows, write_jsonl
-from alignkit.generation import generate, normalize_answer, prompt_ids
+from alignkit.generation import DEFAULT_BATCH, generate, normalize_answer, prompt_ids
 from alignkit.models import load_for_inference, tokenizer_from
 
 
@@ -42,7 +42,7 @@ def check_fits_gpu(args, tokenizer, prompts: list[list[dict]]) -> None:
         return
     total = sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
     longest = max(len(ids) for ids in prompt_ids(tokenizer, prompts))
-    check_generation_fits(args.model, architecture(args.model), batch=args.batch_size,
+    check_generation_fits(args.model, architecture(args.model), batch=args.batch_size or DEFAULT_BATCH["gpu"],
                           tokens=longest + args.max_new_tokens, gpu_gib=total / 2**30)
 
 
@@ -54,7 +54,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output .jsonl of prompt/chosen/rejected rows")
     p.add_argument("--chat_template", default=None)
     p.add_argument("--max_new_tokens", type=int, default=48)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="prompts per generation call (default: 64 on CPU, 16 on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

@@ -101,10 +101,8 @@ def recipe_inputs(recipe: Recipe) -> dict[str, str]:
 
 def checkpoint_run_dir(recipe: Recipe) -> str:
     """`.<output>.checkpoints/<fingerprint of recipe and inputs>` beside the stage's output."""
-    resolved = recipe.resolved()
-    resolved["output_dir"] = recipe.output_dir
     return os.path.join(checkpoint_root(recipe.output_dir),
-                        fingerprint(resolved, list(recipe_inputs(recipe).values())))
+                        fingerprint(recipe.resolved(), list(recipe_inputs(recipe).values())))
 
 
 def checkpoints(trainer, recipe: Recipe) -> str | None:

@@ -92,7 +92,7 @@ def train(argv: list[str]) -> dict:
 
     # 3-4. Model and trainer (pre-tokenised blocks: the trainer neither re-tokenises nor pads).
     model = load_model(recipe, tokenizer)
-    trainer = make_trainer(SFTTrainer, recipe, model, tokenizer, train_ds, eval_ds)
+    trainer = make_trainer(SFTTrainer, recipe, model, tokenizer, train_ds, eval_ds, tracked_as=SPEC.name)
 
     # 5. Held-out perplexity before, train, perplexity after.
     loss_before = trainer.evaluate()["eval_loss"]

@@ -11,6 +11,10 @@ with `precompute_ref_log_probs: true` reference log-probs are computed once up f
 `ref_logps: DIR` as well they are read from the artifact `alignkit ref_logps` wrote (ref_logps.py,
 stored_reference.py), so a β or loss sweep computes them once.
 
+Scoring: each pair runs through the policy as one row, prompt · chosen · rejected, and only completion positions go
+through the LM head (scoring.py) — TRL's own loss code on the same numbers, with less work; TRL's forward
+where a model or batch does not allow it.
+
 Reference log-probs are precomputed by default (TRL's default is a reference forward every step): the same
 numbers, a forward pass per step saved, and no reference model kept in memory for full fine-tuning.
 
@@ -106,7 +110,8 @@ def prepare(recipe, tokenizer, train_ds, eval_ds):
 SPEC = StageSpec(
     name="dpo",
     config="trl:DPOConfig",
-    trainer="alignkit.train.stored_reference:StoredReferenceDPOTrainer",  # TRL's, reading attached reference log-probs
+    # TRL's, reading attached reference log-probs, scoring each pair in one row (scoring.py)
+    trainer="alignkit.train.scoring:PairScoringDPOTrainer",
     data_kind=PREFERENCE,
     check=check,
     defaults={"precompute_ref_log_probs": True},

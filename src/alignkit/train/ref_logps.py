@@ -4,7 +4,8 @@ run of a β or loss sweep.
     alignkit ref_logps --config recipes/smol/dpo.yaml [--key value ...]
 
 It reads the DPO recipe itself — the same model, starting adapter, chat template, data and max_length the DPO stage
-will use — runs TRL's own reference pass (DPOTrainer with `precompute_ref_log_probs`), and writes the directory
+will use — runs TRL's own reference pass (DPOTrainer with `precompute_ref_log_probs`, scoring as the DPO stage
+does: scoring.py), and writes the directory
 the recipe names as `ref_logps`:
 
   train.jsonl / test.jsonl   one line per row: its content key, ref_chosen_logps, ref_rejected_logps
@@ -34,14 +35,9 @@ from alignkit.train.checkpoints import checkpoint_root, recipe_inputs, remove_ch
 
 # the DPO stage's recipe parsing and checks (also what `alignkit launch ref_logps` validates)
 from alignkit.train.dpo import SPEC, check_rows_fit
+from alignkit.train.scoring import PairScoringDPOTrainer
 from alignkit.train.stage import load_inputs, make_trainer, prepared
-from alignkit.train.stored_reference import (
-    KEY_COLUMN,
-    REF_COLUMNS,
-    StoredReferenceDPOTrainer,
-    reference_identity,
-    row_key,
-)
+from alignkit.train.stored_reference import KEY_COLUMN, REF_COLUMNS, reference_identity, row_key
 
 logger = logging.getLogger("alignkit")
 
@@ -66,7 +62,7 @@ def compute(argv: list[str]) -> dict:
     # Nothing is trained or saved; the run directory holds only what every rank of the reference pass shares. It
     # lies beside the output (one path for all ranks and nodes), and goes once the artifact is in place.
     run_dir = os.path.join(checkpoint_root(out_dir), "reference-pass")
-    trainer = make_trainer(StoredReferenceDPOTrainer, recipe, model, tokenizer, train_ds, eval_ds, run_dir=run_dir)
+    trainer = make_trainer(PairScoringDPOTrainer, recipe, model, tokenizer, train_ds, eval_ds, run_dir=run_dir)
     computed = {"train": (train_ds, trainer.train_dataset), "test": (eval_ds, trainer.eval_dataset)}
 
     main = trainer.accelerator.is_main_process

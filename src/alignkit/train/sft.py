@@ -35,7 +35,7 @@ def check_tokenizer(recipe, tokenizer) -> None:
 SPEC = StageSpec(
     name="sft",
     config="trl:SFTConfig",
-    trainer="trl:SFTTrainer",
+    trainer="alignkit.train.scoring:CompletionScoringSFTTrainer",  # TRL's, scoring only labelled positions
     data_kind=CONVERSATION,
     check=check,
     defaults={"assistant_only_loss": True},

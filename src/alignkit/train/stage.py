@@ -41,6 +41,7 @@ from alignkit.train.checkpoints import (
     remove_checkpoints,
 )
 from alignkit.train.saving import merge_saved_adapter, model_card, plain, round_floats, save_trained, write_log_csv
+from alignkit.train.tracking import tracking_callbacks
 
 logger = logging.getLogger("alignkit")
 
@@ -100,7 +101,7 @@ class StageSpec:
         if model is None:
             return prepared(self.name, data_report)
         trainer = make_trainer(import_object(self.trainer), recipe, model, tokenizer, train_ds, eval_ds,  # 4
-                               lora_task_type=self.lora_task_type)
+                               lora_task_type=self.lora_task_type, tracked_as=self.name)
         truncation = truncation_metrics(trainer, {"train": len(train_ds), "eval": len(eval_ds)})
         resume = checkpoints(trainer, recipe)  # an interrupted identical run's last checkpoint, if any
         metrics, evaluation = train_and_evaluate(trainer, data_report, resume_from=resume)  # 5
@@ -130,12 +131,17 @@ def load_inputs(recipe: Recipe, kind: str, *, auto_class=None, check_tokenizer=N
 
 
 def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_ds, *, lora_task_type="CAUSAL_LM",
-                 run_dir: str | None = None):
-    """A TRL trainer the way every stage builds one: the recipe's args, a new LoRA adapter if `use_peft`."""
+                 run_dir: str | None = None, tracked_as: str | None = None):
+    """A TRL trainer the way every stage builds one: the recipe's args, a new LoRA adapter if `use_peft`, the
+    recipe's experiment trackers filing the run under `tracked_as` (none without it: a reference pass)."""
     # The Trainer writes (and creates) its output_dir: point it at this run's checkpoint directory, so that a
     # killed run never leaves anything at the stage's output path.
     recipe.train.output_dir = run_dir or checkpoint_run_dir(recipe)
     reentrant_checkpointing_for_zero3_lora(recipe)
+    if tracked_as:
+        trackers = tracking_callbacks(recipe, tracked_as, main=recipe.train.process_index == 0)
+    else:
+        trackers, recipe.train.report_to = [], []
     trainer = trainer_cls(
         model=model,
         args=recipe.train,
@@ -143,7 +149,7 @@ def make_trainer(trainer_cls, recipe: Recipe, model, tokenizer, train_ds, eval_d
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(recipe.model, lora_task_type),
-        callbacks=make_callbacks(),
+        callbacks=make_callbacks() + trackers,
     )
     if trainer.args.device.type == "cpu" and recipe.alignkit.cpu_keep_freed_memory and keep_freed_memory():
         logger.info("CPU training: freed memory is kept for reuse (glibc mallopt: no mmap, no trim)")
@@ -243,8 +249,7 @@ def finish(stage: str, recipe: Recipe, trainer, tokenizer, metrics: dict) -> dic
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         write_log_csv(trainer.state.log_history, os.path.join(tmp, "train_log.csv"))
-        resolved = recipe.resolved()
-        resolved["output_dir"] = out_dir  # not the temporary directory
+        resolved = recipe.resolved()  # output_dir: the recipe's, not the temporary or run directory
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(plain(resolved), f, sort_keys=True)
         for name in ("README.md", "training_args.bin"):  # trainer boilerplate: not reproducible, not needed
