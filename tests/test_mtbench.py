@@ -115,3 +115,12 @@ def test_a_scaled_down_run_answers_the_first_questions_of_chosen_categories():
     assert select_questions(questions, None, None) == questions and len(questions) == 80
     with pytest.raises(UsageError, match="no questions in poetry; categories here: coding, extraction"):
         select_questions(questions, ["poetry"], None)
+
+
+def test_answers_do_not_depend_on_the_batch_size(tmp_path, tiny_model):
+    """Sampled categories too (writing and roleplay at 0.7): each question's turn draws from its own stream."""
+    answers = {}
+    for b in ("1", "5"):
+        run(tmp_path / b, tiny_model, "--batch_size", b, "--max_new_tokens", "8")
+        answers[b] = sorted((tmp_path / b / "mt" / "answers" / "base.jsonl").read_text().splitlines())
+    assert answers["1"] == answers["5"]

@@ -111,3 +111,11 @@ def test_end_to_end_with_a_trained_reward_model(tmp_path, tiny_model):
     samples = [json.loads(x) for x in open(out / "samples.jsonl")]
     for row, s in zip(sft_rows, samples):
         assert row["score"] == max(s["scores"])
+    # how the work is cut does not change what is sampled: one shard, other batches
+    assert rejection_sampling.run(["--policy", tiny_model, "--reward_model", str(tmp_path / "out-reward"),
+                                   "--prompts", prompts, "--out", str(tmp_path / "rs-one-shard"), "--n", "3",
+                                   "--max_new_tokens", "6", "--shard_size", "5", "--batch_size", "4",
+                                   "--seed", "1"]) == 0
+    one_shard = [json.loads(x) for x in open(tmp_path / "rs-one-shard" / "samples.jsonl")]
+    assert [s["completions"] for s in one_shard] == [s["completions"] for s in samples]
+    assert len({c for s in samples for c in s["completions"]}) > len(samples)  # the completions do differ

@@ -4,6 +4,7 @@ stages that build data from a model's answers)."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.util
 import json
 import logging
@@ -29,33 +30,36 @@ def default_batch_size(model) -> int:
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int | None = None,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, desc: str | None = None,
-             ) -> tuple[list[str], dict]:
-    """Complete each conversation (a list of messages ending with a user turn). Greedy when temperature == 0.
+             temperature: float | list[float] = 0.0, top_p: float = 1.0, seed: int | list[int] = 0,
+             desc: str | None = None) -> tuple[list[str], dict]:
+    """Complete each conversation (a list of messages ending with a user turn). Greedy where temperature == 0.
 
-    Returns the completions and throughput stats. Prompts are processed longest-first so that each batch
-    holds similar lengths (less padding); results come back in the input order. `batch_size` None: DEFAULT_BATCH.
+    `temperature` and `seed` are one value for every prompt or one per prompt. A sampled prompt draws from its own
+    random stream (`RowSampler`), seeded by its own seed, or by (seed, its index) when one seed is given: its answer
+    does not depend on the prompts beside it, the batch size or the order of calls. Returns the completions and
+    throughput stats. Prompts are processed longest-first so that each batch holds similar lengths (less padding);
+    results come back in the input order. `batch_size` None: DEFAULT_BATCH.
     """
     import torch
     from tqdm.auto import tqdm
 
     batch_size = batch_size or default_batch_size(model)
-
-    torch.manual_seed(seed)
+    temperatures = per_prompt(temperature, len(prompts), "temperature")
+    seeds = row_seeds(seed, len(prompts))
     ids = prompt_ids(tokenizer, prompts)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     results: list[str] = [""] * len(ids)
     new_tokens, start = 0, time.time()
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-        {"do_sample": False}
     for b in tqdm(range(0, len(order), batch_size), desc=desc or "generating", unit="batch",
                   disable=desc is None and len(order) <= batch_size):
         idx = order[b : b + batch_size]
         enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(model.device)
+        sampler = [RowSampler([temperatures[i] for i in idx], [seeds[i] for i in idx], top_p)] \
+            if any(temperatures[i] > 0 for i in idx) else []
         with torch.no_grad():
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, **sampling,
+                eos_token_id=tokenizer.eos_token_id, do_sample=False, logits_processor=sampler,
             )
         for row, i in enumerate(idx):
             gen = out[row, enc["input_ids"].shape[1]:]
@@ -66,6 +70,59 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     stats = {"generated_tokens": new_tokens, "generation_seconds": round(seconds, 2),
              "tokens_per_second": round(new_tokens / seconds, 1) if seconds else 0.0}
     return results, stats
+
+
+def per_prompt(value, n: int, name: str) -> list:
+    if not isinstance(value, list):
+        return [value] * n
+    if len(value) != n:
+        raise UsageError(f"{len(value)} values of {name} for {n} prompts")
+    return value
+
+
+def row_seeds(seed: int | list[int], n: int) -> list[int]:
+    """Each prompt's seed: the ones given, or one derived from (seed, the prompt's index)."""
+    return per_prompt(seed, n, "seed") if isinstance(seed, list) else [row_seed(seed, i) for i in range(n)]
+
+
+def row_seed(*parts) -> int:
+    """A 63-bit seed from (seed, row, …): distinct rows get unrelated streams, not seed, seed + 1, …"""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class RowSampler:
+    """Sampling in which every row of a batch draws from its own random stream (a transformers logits processor,
+    given to a greedy `generate`). transformers' sampling draws the whole batch's next tokens from the one global
+    stream, so a row's answer changes with the rows beside it, the batch size and the calls made before; here it
+    depends only on the row's prompt, temperature and seed.
+
+    Gumbel-max: argmax(logits / T + G) with G i.i.d. Gumbel(0, 1) is an exact sample of softmax(logits / T), so the
+    greedy step after this processor samples. top-p is transformers' own warper on the scaled logits. Rows with
+    temperature 0 are left as they are: greedy.
+    """
+
+    def __init__(self, temperatures: list[float], seeds: list[int], top_p: float = 1.0):
+        import torch
+        from transformers import TopPLogitsWarper
+
+        self.temperatures = temperatures
+        self.streams = [torch.Generator().manual_seed(s) if t > 0 else None for t, s in zip(temperatures, seeds)]
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        out = scores.clone()
+        for row, (t, stream) in enumerate(zip(self.temperatures, self.streams)):
+            if stream is None:
+                continue
+            logits = scores[row : row + 1].float() / t
+            if self.top_p is not None:
+                logits = self.top_p(input_ids[row : row + 1], logits)
+            uniform = torch.rand(logits.shape[-1], generator=stream).to(logits.device)
+            out[row] = (logits[0] - torch.log(-torch.log(uniform))).to(out.dtype)
+        return out
 
 
 def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
@@ -128,6 +185,11 @@ class Generator:
             self.loaded = (key, engine, tokenizer)
         return self.loaded[1], self.loaded[2]
 
+    def on_cpu(self) -> bool:
+        import torch
+
+        return self.backend == "hf" and not torch.cuda.is_available()
+
     def release(self) -> None:
         """Free the loaded engine's memory (GPU memory included) before another one loads."""
         if self.loaded is None:
@@ -152,7 +214,8 @@ class Generator:
                    max_loras=max(len(ranks), 1), seed=0, trust_remote_code=False)
 
     def __call__(self, name: str, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, desc: str | None = None):
+                 temperature: float | list[float] = 0.0, top_p: float = 1.0, seed: int | list[int] = 0,
+                 desc: str | None = None):
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         engine, tokenizer = self.engine(name)
         if self.backend == "hf":
@@ -172,7 +235,9 @@ def vllm_generate(llm, tokenizer, prompts, *, lora, max_new_tokens, temperature,
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
+    # one stream per prompt, as RowSampler gives the transformers backend (the streams themselves differ)
+    params = [SamplingParams(temperature=t, top_p=top_p, max_tokens=max_new_tokens, seed=s)
+              for t, s in zip(per_prompt(temperature, len(prompts), "temperature"), row_seeds(seed, len(prompts)))]
     start = time.time()
     outs = llm.generate(vllm_prompts(tokenizer, prompts), params, lora_request=LoRARequest(*lora) if lora else None,
                         use_tqdm=True)

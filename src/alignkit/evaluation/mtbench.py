@@ -37,7 +37,7 @@ from alignkit.evaluation.judges import (
     swap_outcome,
     win_rate,
 )
-from alignkit.generation import Generator
+from alignkit.generation import DEFAULT_BATCH, Generator, row_seed
 
 # MT-Bench's sampling temperature per category (FastChat's temperature_config).
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
@@ -88,34 +88,34 @@ def load_questions(source: str) -> list[dict]:
 
 
 def generate_answers(generator, name: str, questions: list[dict], path: str, *, max_new_tokens: int,
-                     batch_size: int, seed: int) -> dict[int, list[str]]:
-    """Both turns for every question not yet in `path` (a jsonl that a rerun extends). Returns id → answers."""
+                     batch_size: int | None, seed: int) -> dict[int, list[str]]:
+    """Both turns for every question not yet in `path` (a jsonl that a rerun extends). Returns id → answers.
+
+    Each question's turn samples at its category's temperature from a stream of its own, seeded by (seed, question
+    id, turn): an answer does not depend on the batch, on the other questions or on where a killed run stopped, and
+    one generate call per turn serves every category."""
     from tqdm.auto import tqdm
 
     done = {row["question_id"]: row["turns"] for row in read_jsonl(path)} if os.path.exists(path) else {}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # Fixed chunks over all questions: a resumed run samples each chunk with the same seed as a full run.
-    for c in tqdm(range(0, len(questions), batch_size), desc=f"mtbench answers ({name})", unit="chunk"):
-        chunk = [q for q in questions[c:c + batch_size] if q["question_id"] not in done]
-        if not chunk:
-            continue
+    todo = [q for q in questions if q["question_id"] not in done]
+    chunk_size = batch_size or DEFAULT_BATCH["cpu" if generator.on_cpu() else "gpu"]  # answers saved per chunk
+    for c in tqdm(range(0, len(todo), chunk_size), desc=f"mtbench answers ({name})", unit="chunk"):
+        chunk = todo[c:c + chunk_size]
         answers = {q["question_id"]: [] for q in chunk}
         for turn in (0, 1):
-            by_temp: dict[float, list[dict]] = {}
+            convs = []
             for q in chunk:
-                by_temp.setdefault(TEMPERATURE.get(q["category"], 0.7), []).append(q)
-            for temp, qs in sorted(by_temp.items()):
-                convs = []
-                for q in qs:
-                    conv = [{"role": "user", "content": q["turns"][0]}]
-                    if turn == 1:
-                        conv += [{"role": "assistant", "content": answers[q["question_id"]][0]},
-                                 {"role": "user", "content": q["turns"][1]}]
-                    convs.append(conv)
-                outs, _ = generator(name, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                    temperature=temp, top_p=1.0, seed=seed + c + turn)
-                for q, out in zip(qs, outs):
-                    answers[q["question_id"]].append(out)
+                conv = [{"role": "user", "content": q["turns"][0]}]
+                if turn == 1:
+                    conv += [{"role": "assistant", "content": answers[q["question_id"]][0]},
+                             {"role": "user", "content": q["turns"][1]}]
+                convs.append(conv)
+            outs, _ = generator(name, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                temperature=[TEMPERATURE.get(q["category"], 0.7) for q in chunk], top_p=1.0,
+                                seed=[row_seed(seed, q["question_id"], turn) for q in chunk])
+            for q, out in zip(chunk, outs):
+                answers[q["question_id"]].append(out)
         with open(path, "a") as f:
             for q in chunk:
                 f.write(json.dumps({"question_id": q["question_id"], "turns": answers[q["question_id"]]},
@@ -192,7 +192,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--per_category", type=int, default=None,
                    help="only the first N questions of each category (by question_id): a scaled-down run")
     p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="rows per generate call and questions per saved chunk (default: 64 on CPU, 16 on GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto",
                    help="answer generation: vLLM when installed with a GPU (auto), or transformers")

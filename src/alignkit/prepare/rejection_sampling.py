@@ -35,7 +35,7 @@ from alignkit.data import (
     write_jsonl,
 )
 from alignkit.errors import DataError
-from alignkit.generation import generate
+from alignkit.generation import generate, row_seed
 from alignkit.models import inference_placement, load_for_inference, load_pretrained, tokenizer_from
 
 logger = logging.getLogger(__name__)
@@ -167,8 +167,12 @@ def run(argv: list[str]) -> int:
     scorer = RewardModelScorer(args.reward_model, args.chat_template, args.batch_size)
 
     def sample(expanded, shard_index):
+        # completion j of prompt i draws from a stream seeded by (seed, i, j): the samples do not depend on the
+        # shard size or the batch size, which only say how the work is cut
+        first = shard_index * args.shard_size
+        seeds = [row_seed(args.seed, first + r // args.n, r % args.n) for r in range(len(expanded))]
         return generate(policy, tokenizer, expanded, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        temperature=args.temperature, top_p=args.top_p, seed=args.seed + shard_index)
+                        temperature=args.temperature, top_p=args.top_p, seed=seeds)
 
     gen_stats = run_shards(prompts, n=args.n, shard_size=args.shard_size, out_dir=args.out, sample=sample,
                            score=scorer)
