@@ -5,6 +5,13 @@ forward pass of the smol SFT step and differ in its gradients; comparing two mac
 
     python bench/numerics_fingerprint.py --out bench/results/numerics_fingerprint_amd.json
     python bench/numerics_fingerprint.py --compare bench/results/numerics_fingerprint_amd.json
+    python bench/numerics_fingerprint.py --sweep --compare bench/results/numerics_fingerprint_amd.json
+
+`--sweep` reruns the fingerprint, each in a fresh process (MKL reads its setting once, when it loads), under every
+MKL code branch (`MKL_CBWR`: AUTO, COMPATIBLE, SSE4_2, AVX, AVX2, AVX512, with and without STRICT) at 1 and 2
+threads, and says for each how many operations differ from the other machine's file: on an Intel CPU that finds
+the branch, if any, that gives an AMD machine's bits (MKL's fixed branches apply to Intel CPUs only; on AMD every
+setting but COMPATIBLE runs AUTO). CI prints it on whatever machine it runs on.
 
 Inputs are made from integers (no random generator, whose vectorised paths could themselves differ), at the shapes
 of SmolLM2-135M (hidden 576, intermediate 1536, 9 heads of 64, vocabulary 49152) and 2 threads.
@@ -53,6 +60,15 @@ def fingerprints() -> dict[str, str]:
         out[f"matmul_forward_{name}"] = digest(y)
         out[f"matmul_input_grad_{name}"] = digest(g @ w)  # NN
         out[f"matmul_weight_grad_{name}"] = digest(g.t() @ a)  # TN: the long reduction is over tokens
+    w = tensor(1, HIDDEN, salt=14)  # a reward model's score head: one output, a matrix-vector product
+    out["matmul_forward_score"] = digest(x @ w.t())
+    g = tensor(TOKENS, 1, salt=15, scale=0.01)
+    out["matmul_input_grad_score"] = digest(g @ w)
+    out["matmul_weight_grad_score"] = digest(g.t() @ x)
+    q, k = (tensor(HEADS, TOKENS, HEAD_DIM, salt=s, scale=1.0) for s in (16, 17))
+    scores = torch.bmm(q, k.transpose(1, 2))  # eager attention's batched products
+    out["bmm_attention_scores"] = digest(scores)
+    out["bmm_attention_values"] = digest(torch.bmm(torch.softmax(scores, -1), k))
     lora_a, lora_b = tensor(RANK, HIDDEN, salt=5), tensor(HIDDEN, RANK, salt=6)
     out["matmul_lora_down"] = digest(x @ lora_a.t())
     out["matmul_lora_up"] = digest((x @ lora_a.t()) @ lora_b.t())
@@ -76,16 +92,48 @@ def fingerprints() -> dict[str, str]:
     return out
 
 
+MKL_BRANCHES = ("AUTO", "COMPATIBLE", "SSE4_2", "AVX", "AVX2", "AVX512", "AVX2,STRICT", "AVX512,STRICT")
+
+
+def sweep(reference: str) -> None:
+    """The fingerprint under every MKL branch and 1 and 2 threads, each in a fresh process, against `reference`."""
+    import subprocess
+
+    other = json.load(open(reference))
+    print(f"MKL branches on this CPU against {other['cpu']} ({reference}): operations that differ")
+    for branch in MKL_BRANCHES:
+        for threads in (1, 2):
+            env = {**os.environ, "MKL_CBWR": branch}
+            env.pop("ALIGNKIT_CPU_NUMERICS", None)
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--threads", str(threads)], env=env,
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"  MKL_CBWR={branch:<14} threads={threads}: failed: {done.stderr.strip()[-300:]}")
+                continue
+            ops = json.loads(done.stdout)["ops"]
+            differ = sorted(k for k in ops if other["ops"].get(k) != ops[k])
+            print(f"  MKL_CBWR={branch:<14} threads={threads}: {len(differ):2d} of {len(ops)}"
+                  + (f": {', '.join(differ)}" if differ else ""))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write this machine's fingerprints here")
     p.add_argument("--compare", help="a fingerprint file from another machine: list what differs")
+    p.add_argument("--sweep", action="store_true", help="every MKL branch and 1/2 threads against --compare's file")
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    if args.sweep:
+        if not args.compare:
+            p.error("--sweep needs --compare FILE")
+        sweep(args.compare)
+        return 0
+    torch.set_num_threads(args.threads)
     from alignkit.numerics import in_effect
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    record = {"cpu": cpu, "numerics": in_effect()["cpu"], "torch": torch.__version__, "ops": fingerprints()}
+    record = {"cpu": cpu, "numerics": in_effect()["cpu"], "MKL_CBWR": os.environ.get("MKL_CBWR"),
+              "threads": args.threads, "torch": torch.__version__, "ops": fingerprints()}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1, sort_keys=True)
