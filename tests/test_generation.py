@@ -80,3 +80,25 @@ def test_row_sampler_draws_exactly_from_the_tempered_and_nucleus_distribution():
             assert counts[~keep].sum() == 0
         sigma = (draws * p * (1 - p)).sqrt().clamp_min(1)
         assert ((counts - draws * p).abs() < 5 * sigma).all(), (temperature, top_p, counts / draws, p)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_row_sampler_gives_each_row_the_bits_it_gets_alone(top_p):
+    """Rows sharing a temperature are nucleus-filtered together (one sort for the group, for speed); every row's
+    scores must still be bit for bit those of the row alone, whatever the vocabulary size."""
+    import torch
+
+    from alignkit.generation import RowSampler
+
+    torch.manual_seed(3)
+    for vocab in (49152, 50257, 97):
+        temperatures = [[0.7, 0.0, 1.0, 0.7, 0.3][i % 5] for i in range(11)]
+        seeds = [10 + 3 * i for i in range(11)]
+        ids = torch.zeros(11, 4, dtype=torch.long)
+        batch, alone = RowSampler(temperatures, seeds, top_p), [RowSampler([t], [s], top_p)
+                                                                for t, s in zip(temperatures, seeds)]
+        for _ in range(2):  # the streams advance alike
+            scores = torch.randn(11, vocab) * 3
+            together = batch(ids, scores)
+            for row, sampler in enumerate(alone):
+                assert torch.equal(together[row], sampler(ids[row:row + 1], scores[row:row + 1])[0])

@@ -92,6 +92,30 @@ def test_completion_logps_match_a_manual_computation(tiny_model):
         assert value == pytest.approx(manual, abs=1e-4)
 
 
+def test_completion_logps_score_only_completions_with_the_bits_of_every_position_scored(tiny_model):
+    """The LM head runs only where a completion token is predicted (logits_to_keep); a model without that option
+    gets every position's logits. Both give the same bits, in padded batches of different widths."""
+    import torch
+
+    from alignkit.models import load_for_inference
+
+    class WithoutTheOption(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.device = inner, inner.device
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    model, tok = load_for_inference(tiny_model)
+    prompts = [[{"role": "user", "content": "What is the capital of France?" + " Say it." * k}] for k in range(5)]
+    completions = [[{"role": "assistant", "content": a}] for a in ("Paris.", "No idea at all.", "P", "Lyon, no: Paris",
+                                                                   "It is Paris, on the Seine.")]
+    scored_only = completion_logps(model, tok, prompts, completions, batch_size=2)
+    every_position = completion_logps(WithoutTheOption(model), tok, prompts, completions, batch_size=2)
+    assert scored_only == every_position and len(set(scored_only)) == 5
+
+
 def test_report_renders_tables_and_differing_generations():
     evaluation = {"base": {"task_agreement": 0.0, "pair_accuracy": 0.5},
                   "dpo": {"task_agreement": 0.5, "pair_accuracy": 1.0, "reward_accuracy": 1.0}}

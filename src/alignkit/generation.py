@@ -106,23 +106,36 @@ class RowSampler:
         import torch
         from transformers import TopPLogitsWarper
 
-        self.temperatures = temperatures
         self.streams = [torch.Generator().manual_seed(s) if t > 0 else None for t, s in zip(temperatures, seeds)]
+        self.groups: dict[float, list[int]] = {}  # temperature -> its rows
+        for row, t in enumerate(temperatures):
+            if t > 0:
+                self.groups.setdefault(t, []).append(row)
         self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
     def __call__(self, input_ids, scores):
         import torch
 
         out = scores.clone()
-        for row, (t, stream) in enumerate(zip(self.temperatures, self.streams)):
-            if stream is None:
-                continue
-            logits = scores[row : row + 1].float() / t
-            if self.top_p is not None:
-                logits = self.top_p(input_ids[row : row + 1], logits)
-            uniform = torch.rand(logits.shape[-1], generator=stream).to(logits.device)
-            out[row] = (logits[0] - torch.log(-torch.log(uniform))).to(out.dtype)
+        for t, rows in self.groups.items():
+            if self.top_p is None:
+                scaled = (scores[row].float() / t for row in rows)
+            else:
+                # One top-p call for the group: its sort of the vocabulary runs on all threads, one row per thread
+                # (a row alone sorts on one), and each row comes out the same bits as alone (division, sort, softmax
+                # and cumsum run row by row). Without top-p, gathering the rows would cost more than it saves.
+                index = torch.tensor(rows, device=scores.device)
+                scaled = iter(self.top_p(input_ids[index], scores[index].float() / t))
+            for row, logits in zip(rows, scaled):
+                out[row] = (logits - self.gumbel(row, logits.shape[-1]).to(logits.device)).to(out.dtype)
         return out
+
+    def gumbel(self, row: int, vocab: int):
+        """The row's Gumbel noise, -G = log(-log(U)), from its own stream, computed on the CPU: the same bits
+        whatever the device, the batch or the other rows."""
+        import torch
+
+        return torch.log(-torch.log(torch.rand(vocab, generator=self.streams[row])))
 
 
 def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
@@ -185,10 +198,11 @@ class Generator:
             self.loaded = (key, engine, tokenizer)
         return self.loaded[1], self.loaded[2]
 
-    def on_cpu(self) -> bool:
+    def default_batch_size(self) -> int:
+        """DEFAULT_BATCH for where this generator's models run."""
         import torch
 
-        return self.backend == "hf" and not torch.cuda.is_available()
+        return DEFAULT_BATCH["cpu" if self.backend == "hf" and not torch.cuda.is_available() else "gpu"]
 
     def release(self) -> None:
         """Free the loaded engine's memory (GPU memory included) before another one loads."""

@@ -37,7 +37,7 @@ from alignkit.evaluation.judges import (
     swap_outcome,
     win_rate,
 )
-from alignkit.generation import DEFAULT_BATCH, Generator, row_seed
+from alignkit.generation import Generator, row_seed
 
 # MT-Bench's sampling temperature per category (FastChat's temperature_config).
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
@@ -99,7 +99,7 @@ def generate_answers(generator, name: str, questions: list[dict], path: str, *, 
     done = {row["question_id"]: row["turns"] for row in read_jsonl(path)} if os.path.exists(path) else {}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     todo = [q for q in questions if q["question_id"] not in done]
-    chunk_size = batch_size or DEFAULT_BATCH["cpu" if generator.on_cpu() else "gpu"]  # answers saved per chunk
+    chunk_size = batch_size or generator.default_batch_size()  # answers saved per chunk
     for c in tqdm(range(0, len(todo), chunk_size), desc=f"mtbench answers ({name})", unit="chunk"):
         chunk = todo[c:c + chunk_size]
         answers = {q["question_id"]: [] for q in chunk}
