@@ -11,7 +11,7 @@ forward pass of the smol SFT step and differ in its gradients; comparing two mac
 MKL code branch (`MKL_CBWR`: AUTO, COMPATIBLE, SSE4_2, AVX, AVX2, AVX512, with and without STRICT) at 1 and 2
 threads, and says for each how many operations differ from the other machine's file: on an Intel CPU that finds
 the branch, if any, that gives an AMD machine's bits (MKL's fixed branches apply to Intel CPUs only; on AMD every
-setting but COMPATIBLE runs AUTO). CI prints it on whatever machine it runs on.
+setting but COMPATIBLE runs AUTO). CI (`.ci/run`) prints the sweep on Intel CPUs, the plain comparison elsewhere.
 
 Inputs are made from integers (no random generator, whose vectorised paths could themselves differ), at the shapes
 of SmolLM2-135M (hidden 576, intermediate 1536, 9 heads of 64, vocabulary 49152) and 2 threads.
@@ -92,6 +92,11 @@ def fingerprints() -> dict[str, str]:
     return out
 
 
+def differing(ops: dict[str, str], other: dict) -> list[str]:
+    """The operations whose fingerprint differs from `other`'s (a fingerprint file's record)."""
+    return sorted(k for k in ops if other["ops"].get(k) != ops[k])
+
+
 MKL_BRANCHES = ("AUTO", "COMPATIBLE", "SSE4_2", "AVX", "AVX2", "AVX512", "AVX2,STRICT", "AVX512,STRICT")
 
 
@@ -111,7 +116,7 @@ def sweep(reference: str) -> None:
                 print(f"  MKL_CBWR={branch:<14} threads={threads}: failed: {done.stderr.strip()[-300:]}")
                 continue
             ops = json.loads(done.stdout)["ops"]
-            differ = sorted(k for k in ops if other["ops"].get(k) != ops[k])
+            differ = differing(ops, other)
             print(f"  MKL_CBWR={branch:<14} threads={threads}: {len(differ):2d} of {len(ops)}"
                   + (f": {', '.join(differ)}" if differ else ""))
 
@@ -140,7 +145,7 @@ def main() -> int:
             f.write("\n")
     if args.compare:
         other = json.load(open(args.compare))
-        differ = sorted(k for k in record["ops"] if other["ops"].get(k) != record["ops"][k])
+        differ = differing(record["ops"], other)
         print(f"{record['cpu']} vs {other['cpu']}: {len(differ)} of {len(record['ops'])} operations differ")
         for k in differ:
             print(f"  {k}")
