@@ -83,6 +83,18 @@ def rows_through(trainer, run):
         hook.remove()
 
 
+def head_positions(trainer, run):
+    """How many positions each call of the model's own LM head module projected while `run()` ran (the scorers'
+    kernel reads the head's weight, not the module), and run()'s result."""
+    seen = []
+    head = trainer.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[:-1].numel()))
+    try:
+        return seen, run()
+    finally:
+        hook.remove()
+
+
 def assert_gradients_equal(grads_a, grads_b):
     """Each parameter's gradient to 1e-6 of its norm (fp32 sums in another order differ in the last bits; where a
     loss amplifies, as sppo_hard's square of log-ratios of ~50, an element can differ by 1e-5 of itself)."""
@@ -96,10 +108,13 @@ def assert_same(tmp_path, model_path, shared=True, lora=True, **config):
     inputs = batch(stock)
     assert torch.equal(inputs["input_ids"], batch(ours)["input_ids"])
     loss_a, metrics_a, grads_a = loss_metrics_grads(stock, inputs)
-    seen, (loss_b, metrics_b, grads_b) = rows_through(ours, lambda: loss_metrics_grads(ours, inputs))
+    heads, (seen, (loss_b, metrics_b, grads_b)) = head_positions(
+        ours, lambda: rows_through(ours, lambda: loss_metrics_grads(ours, inputs)))
     # the policy ran once per pair (one row each), not TRL's chosen rows + rejected rows (or it fell back); then,
     # with LoRA, TRL's own reference forward through the same model (precompute_ref_log_probs is off here)
     assert seen == [len(ROWS) if shared else 2 * len(ROWS)] + ([2 * len(ROWS)] if lora else [])
+    if shared:  # the policy's own LM head projected nothing: the scored positions went through TRL's kernel alone
+        assert heads[0] == 0, heads
     assert loss_b == pytest.approx(loss_a, rel=1e-6, abs=1e-6)
     assert set(metrics_a) == set(metrics_b)
     for k in metrics_a:
@@ -209,7 +224,8 @@ def test_sft_equals_trl(tmp_path, tiny_model, assistant_only_loss):
     inputs = batch(stock)
     assert torch.equal(inputs["input_ids"], batch(ours)["input_ids"])
     loss_a, metrics_a, grads_a = loss_metrics_grads(stock, inputs)
-    loss_b, metrics_b, grads_b = loss_metrics_grads(ours, inputs)
+    heads, (loss_b, metrics_b, grads_b) = head_positions(ours, lambda: loss_metrics_grads(ours, inputs))
+    assert heads == [0]  # the model's own LM head projected nothing; TRL's kernel scored the labelled positions
     assert loss_b == pytest.approx(loss_a, rel=1e-6, abs=1e-6)
     assert set(metrics_a) == set(metrics_b) and "entropy" in metrics_a
     for k in metrics_a:
