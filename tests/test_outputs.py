@@ -65,6 +65,33 @@ def test_build_pairs_drops_answers_that_agree_with_the_reference():
                         "rejected": [{"role": "assistant", "content": "The capital is Paris."}]}
 
 
+def test_pairs_from_several_question_files_equal_a_run_per_file(tmp_path, tiny_model, monkeypatch):
+    """One start-up and model load for the train and held-out questions: each file's pairs, stats and manifest are
+    byte for byte what a run on that file alone writes; an --out short of the questions files is refused first."""
+    import shutil
+
+    from alignkit.prepare import pairs
+
+    files = []
+    for name, questions in (("a", ["Capital of France?", "Two plus two?", "Say hi."]), ("b", ["Colour of grass?"])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": q, "completion": "Reference."}) + "\n" for q in questions))
+        files.append(str(path))
+    monkeypatch.chdir(tmp_path)  # both runs name their outputs alike: a manifest records its --out
+    common = ["--model", tiny_model, "--chat_template", "chatml", "--max_new_tokens", "4"]
+    outputs = [f"p{i}{suffix}" for i in range(2) for suffix in (".jsonl", ".stats.json", ".manifest.json")]
+    for i, f in enumerate(files):
+        assert pairs.main([*common, "--questions", f, "--out", f"p{i}.jsonl"]) == 0
+    os.makedirs("alone")
+    for name in outputs:
+        shutil.move(name, os.path.join("alone", name))
+    assert pairs.main([*common, "--questions", *files, "--out", "p0.jsonl"]) == 2 and not os.path.exists("p0.jsonl")
+    assert pairs.main([*common, "--questions", *files, "--out", "p0.jsonl", "p1.jsonl"]) == 0
+    for name in outputs:
+        assert open(name).read() == open(os.path.join("alone", name)).read(), name
+    assert [json.load(open(f"p{i}.stats.json"))["questions"] for i in range(2)] == [3, 1]
+
+
 def test_task_scores():
     s = task_scores(["Paris.", "The capital is Tokyo.", "rome"], ["Paris.", "Tokyo.", "Madrid."])
     assert s["task_agreement"] == pytest.approx(1 / 3) and s["task_contains"] == pytest.approx(2 / 3)
