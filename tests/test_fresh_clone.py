@@ -53,6 +53,27 @@ def test_a_package_in_a_virtual_environment_inside_the_repository_is_named_by_it
                      cwd=repo, pythonpath=[os.path.join(ROOT, "src")]) == "data/rows.jsonl"
 
 
+def test_naming_inputs_reads_the_installed_distributions_once(tmp_path, monkeypatch):
+    """Under `python -m alignkit` the working directory is on sys.path, so every input inside it is looked up among
+    the installed distributions: a scan of all of them (~0.5 s) per input, 2.2 s of a 4-input lmeval manifest."""
+    from importlib import metadata
+
+    from alignkit import artifacts
+
+    scans, scan = [], metadata.packages_distributions
+    monkeypatch.setattr(metadata, "packages_distributions", lambda: scans.append(1) or scan())
+    artifacts.installed_packages.cache_clear()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("base", "sft", "dpo"):
+        (tmp_path / name).write_text(name)
+    try:
+        assert [artifacts.portable_path(n) for n in ("base", "sft", "dpo")] == ["base", "sft", "dpo"]
+        assert len(scans) == 1
+    finally:
+        artifacts.installed_packages.cache_clear()
+
+
 def test_the_committed_base_model_lock_names_the_gguf_by_its_distribution():
     # the manifest is a DVC out, so its content is pinned by dvc.lock: check what the stage would write
     code = ("from alignkit.artifacts import portable_path; from alignkit.prepare.base_model import gguf_in_package; "

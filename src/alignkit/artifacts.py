@@ -5,6 +5,7 @@ same on every machine that reproduces it."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -217,6 +218,14 @@ def tokenizer_hashes(tokenizer) -> dict:
     }
 
 
+@functools.cache
+def installed_packages() -> dict[str, list[str]]:
+    """Top-level module → distributions, read once per process: reading it scans every installed distribution
+    (~0.5 s), and a manifest names several inputs — under `python -m alignkit` the repository itself is on sys.path,
+    so every input inside it was looked up."""
+    return metadata.packages_distributions()
+
+
 def portable_path(path: str) -> str:
     """How a manifest names an input, the same on every machine: a file of an installed distribution as
     'dist==version:path in the distribution' (first: a virtual environment may sit inside the repository, as
@@ -229,7 +238,7 @@ def portable_path(path: str) -> str:
         if real.startswith(site + os.sep):
             inside = os.path.relpath(real, site)
             top = inside.split(os.sep)[0]
-            dists = metadata.packages_distributions().get(top, [])
+            dists = installed_packages().get(top, [])
             if dists:
                 return f"{dists[0]}=={metadata.version(dists[0])}:{inside}"
     if real == here or real.startswith(here + os.sep):
