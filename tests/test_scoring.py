@@ -73,26 +73,25 @@ def loss_metrics_grads(trainer, inputs):
     return loss.item(), metrics, grads
 
 
-def rows_through(trainer, run):
-    """The number of rows of each batch the model's embedding saw while `run()` ran, and run()'s result."""
+def seen_by(module, measure, run):
+    """`measure(inputs, output)` of each call of `module` while `run()` ran, and run()'s result."""
     seen = []
-    hook = trainer.model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    hook = module.register_forward_hook(lambda m, a, out: seen.append(measure(a, out)))
     try:
         return seen, run()
     finally:
         hook.remove()
+
+
+def rows_through(trainer, run):
+    """The number of rows of each batch the model's embedding saw while `run()` ran, and run()'s result."""
+    return seen_by(trainer.model.get_input_embeddings(), lambda a, out: out.shape[0], run)
 
 
 def head_positions(trainer, run):
     """How many positions each call of the model's own LM head module projected while `run()` ran (the scorers'
     kernel reads the head's weight, not the module), and run()'s result."""
-    seen = []
-    head = trainer.model.get_output_embeddings()
-    hook = head.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[:-1].numel()))
-    try:
-        return seen, run()
-    finally:
-        hook.remove()
+    return seen_by(trainer.model.get_output_embeddings(), lambda a, out: a[0].shape[:-1].numel(), run)
 
 
 def assert_gradients_equal(grads_a, grads_b):
