@@ -37,14 +37,15 @@ def build_pairs(conversations: list[dict], answers: list[str]) -> tuple[list[dic
     return pairs, dropped
 
 
-def check_fits_gpu(args, tokenizer, prompts: list[list[dict]]) -> None:
+def check_fits_gpu(args, prompts: list[list[dict]]) -> None:
     """On GPUs, refuse before the weights load a batch whose KV cache cannot fit beside them (Anima 33B in bf16
     is 61 GiB: 16 answers of 512 tokens do not fit an 80 GB GPU beside it). Batches are longest-first, so the
-    first holds the longest prompt."""
+    first holds the longest prompt. On a CPU nothing to check (and no tokenizer loaded for it)."""
     import torch
 
     if not torch.cuda.is_available():
         return
+    tokenizer = tokenizer_from(args.adapter or args.model, args.chat_template)
     total = sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
     longest = max(len(ids) for ids in prompt_ids(tokenizer, prompts))
     check_generation_fits(args.model, architecture(args.model), batch=args.batch_size or DEFAULT_BATCH["gpu"],
@@ -73,8 +74,7 @@ def run(argv: list[str]) -> int:
     for questions in args.questions:  # every file read and checked before any weights load
         label, raw = load_source_rows(questions)
         conversations[questions], _ = normalize_rows(label, raw, CONVERSATION, drop_invalid=False)
-    check_fits_gpu(args, tokenizer_from(args.adapter or args.model, args.chat_template),
-                   [c["messages"][:-1] for convs in conversations.values() for c in convs])
+    check_fits_gpu(args, [c["messages"][:-1] for convs in conversations.values() for c in convs])
     model, tokenizer = load_for_inference(args.model, args.adapter, args.chat_template)
     for questions, out in zip(args.questions, args.out):
         counts, speed = write_pairs(model, tokenizer, conversations[questions], out,
