@@ -9,9 +9,10 @@ forward pass of the smol SFT step and differ in its gradients; comparing two mac
 
 `--sweep` reruns the fingerprint, each in a fresh process (MKL reads its setting once, when it loads), under every
 MKL code branch (`MKL_CBWR`: AUTO, COMPATIBLE, SSE4_2, AVX, AVX2, AVX512, with and without STRICT) at 1 and 2
-threads, and says for each how many operations differ from the other machine's file: on an Intel CPU that finds
-the branch, if any, that gives an AMD machine's bits (MKL's fixed branches apply to Intel CPUs only; on AMD every
-setting but COMPATIBLE runs AUTO). CI (`.ci/run`) prints the sweep on Intel CPUs, the plain comparison elsewhere.
+threads, and says for each how many operations differ from the other machine's file (MKL's fixed branches apply to
+Intel CPUs only; on AMD every setting but COMPATIBLE runs AUTO). On an Intel Xeon no branch gives the AMD EPYC's bits:
+AVX2,STRICT differs in exp and the score head's matrix-vector products only, which AMD computes as Intel's AVX branch
+does (bench/results/intel/amd_mkl.json; bench/amd_mkl.sh runs a pipeline so). CI (`.ci/run`) prints the comparison.
 
 Inputs are made from integers (no random generator, whose vectorised paths could themselves differ), at the shapes
 of SmolLM2-135M (hidden 576, intermediate 1536, 9 heads of 64, vocabulary 49152) and 2 threads.

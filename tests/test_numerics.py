@@ -56,3 +56,45 @@ def test_what_mkls_branch_setting_does_on_this_cpu():
         portable, auto, compatible = (product_bits(2, **env)[2] for env in ({}, {"MKL_CBWR": "AUTO"},
                                                                             {"MKL_CBWR": "COMPATIBLE"}))
         assert portable == auto != compatible
+
+
+# The work whose bits depend on the CPU's vendor under the portable settings (bench/results/intel/amd_mkl.json):
+# MKL's vector-math exp and a matrix-vector product (a reward model's one-output score head).
+VENDOR_WORK = """
+import hashlib, sys
+import alignkit
+import torch
+from alignkit.numerics import in_effect
+torch.set_num_threads(2)
+x = ((torch.arange(29 * 4096, dtype=torch.float64) * 2654435761 % 10007) / 10007 - 0.9).float().reshape(29, 4096)
+w = ((torch.arange(4096, dtype=torch.float64) * 40503 % 101) / 101 - 0.5).float().reshape(4096, 1)
+print(in_effect()["cpu"], hashlib.sha256(torch.exp(x).numpy().tobytes() + (x @ w).numpy().tobytes()).hexdigest())
+"""
+
+
+def vendor_work_bits(*prefix: str, **env) -> tuple[int, str]:
+    run_env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "ALIGNKIT_CPU_NUMERICS")}
+    run_env.update(env)
+    done = subprocess.run([*prefix, sys.executable, "-c", VENDOR_WORK], env=run_env, capture_output=True, text=True)
+    return done.returncode, done.stdout.strip() or done.stderr.strip()
+
+
+def test_amd_mkl_computes_the_vendor_dependent_work_as_mkl_does_on_amd():
+    """bench/amd_mkl.sh (issue 15's diagnosis): on an Intel CPU, exp and matrix-vector products get the bits of MKL's
+    AVX branch on one thread (what MKL runs on AMD), unlike the portable settings' AVX2 branch; elsewhere it refuses
+    in one line with exit status 2 (MKL computes as on AMD already)."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "amd_mkl.sh")
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    rc, out = vendor_work_bits("bash", script)
+    if not intel:
+        assert rc == 2 and out.startswith("amd_mkl.sh: this CPU is not an Intel one") and "\n" not in out
+        return
+    assert rc == 0, out
+    portable = vendor_work_bits()[1]
+    one_thread_avx = subprocess.run(
+        [sys.executable, "-c", VENDOR_WORK.replace("set_num_threads(2)", "set_num_threads(1)")],
+        env={**{k: v for k, v in os.environ.items() if k != "ALIGNKIT_CPU_NUMERICS"}, "MKL_CBWR": "AVX,STRICT"},
+        capture_output=True, text=True, check=True).stdout.split()[1]
+    assert out.split() == ["portable", one_thread_avx]
+    assert portable.split()[1] != one_thread_avx
