@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -95,8 +96,12 @@ def test_usr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes_to_t
     state, text = job_state(two_nodes, job_id), log.read_text(errors="replace")
     assert state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1", (state, text[-4000:])
     assert f"USR1 — asking the stage to checkpoint, then requeueing job {job_id}" in text
-    assert text.count("stopped by SIGUSR1 at step") == 2 and "resuming from" in text, text[-4000:]
-    stopped = int(text.split("stopped by SIGUSR1 at step ")[1].split(";")[0])
+    # Every rank stops at the same step; a rank whose node's launcher forwards the signal after the ranks agreed to
+    # stop says it was stopped by another rank's signal (a race of signal delivery, seen on a 2-core CI machine).
+    stops = re.findall(r"stopped by (SIGUSR1|a signal to another rank) at step (\d+);", text)
+    assert len(stops) == 2 and ("SIGUSR1", stops[0][1]) in stops and len({step for _, step in stops}) == 1, stops
+    assert "resuming from" in text, text[-4000:]
+    stopped = int(stops[0][1])
     assert 0 < stopped < STEPS
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["world_size"] == 2 and metrics["train_steps"] == STEPS
