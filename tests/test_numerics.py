@@ -25,12 +25,18 @@ print(in_effect()["cpu"], torch.get_num_threads(), digest)
 """
 
 
-def product_bits(threads: int, **env) -> tuple[str, int, str]:
+def run_python(code: str, *args: str, prefix: tuple[str, ...] = (), **env) -> subprocess.CompletedProcess:
+    """`code` in a fresh process (alignkit's settings act only before torch loads), behind `prefix` if given, with
+    this environment's numerics settings removed and `env` added."""
     run_env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "ATEN_CPU_CAPABILITY",
                                                                  "ONEDNN_MAX_CPU_ISA", "ALIGNKIT_CPU_NUMERICS")}
     run_env.update(env)
-    done = subprocess.run([sys.executable, "-c", PRODUCT, str(threads)], env=run_env, capture_output=True, text=True,
-                          check=True)
+    return subprocess.run([*prefix, sys.executable, "-c", code, *args], env=run_env, capture_output=True, text=True)
+
+
+def product_bits(threads: int, **env) -> tuple[str, int, str]:
+    done = run_python(PRODUCT, str(threads), **env)
+    done.check_returncode()
     mode, n, digest = done.stdout.split()
     return mode, int(n), digest
 
@@ -65,18 +71,11 @@ import hashlib, sys
 import alignkit
 import torch
 from alignkit.numerics import in_effect
-torch.set_num_threads(2)
+torch.set_num_threads(int(sys.argv[1]))
 x = ((torch.arange(29 * 4096, dtype=torch.float64) * 2654435761 % 10007) / 10007 - 0.9).float().reshape(29, 4096)
 w = ((torch.arange(4096, dtype=torch.float64) * 40503 % 101) / 101 - 0.5).float().reshape(4096, 1)
 print(in_effect()["cpu"], hashlib.sha256(torch.exp(x).numpy().tobytes() + (x @ w).numpy().tobytes()).hexdigest())
 """
-
-
-def vendor_work_bits(*prefix: str, **env) -> tuple[int, str]:
-    run_env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "ALIGNKIT_CPU_NUMERICS")}
-    run_env.update(env)
-    done = subprocess.run([*prefix, sys.executable, "-c", VENDOR_WORK], env=run_env, capture_output=True, text=True)
-    return done.returncode, done.stdout.strip() or done.stderr.strip()
 
 
 def test_amd_mkl_computes_the_vendor_dependent_work_as_mkl_does_on_amd():
@@ -86,15 +85,14 @@ def test_amd_mkl_computes_the_vendor_dependent_work_as_mkl_does_on_amd():
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "amd_mkl.sh")
     with open("/proc/cpuinfo") as f:
         intel = "GenuineIntel" in f.read()
-    rc, out = vendor_work_bits("bash", script)
+    emulated = run_python(VENDOR_WORK, "2", prefix=("bash", script))
     if not intel:
-        assert rc == 2 and out.startswith("amd_mkl.sh: this CPU is not an Intel one") and "\n" not in out
+        refusal = emulated.stderr.strip()
+        assert emulated.returncode == 2 and refusal.startswith("amd_mkl.sh: this CPU is not an Intel one")
+        assert "\n" not in refusal
         return
-    assert rc == 0, out
-    portable = vendor_work_bits()[1]
-    one_thread_avx = subprocess.run(
-        [sys.executable, "-c", VENDOR_WORK.replace("set_num_threads(2)", "set_num_threads(1)")],
-        env={**{k: v for k, v in os.environ.items() if k != "ALIGNKIT_CPU_NUMERICS"}, "MKL_CBWR": "AVX,STRICT"},
-        capture_output=True, text=True, check=True).stdout.split()[1]
-    assert out.split() == ["portable", one_thread_avx]
-    assert portable.split()[1] != one_thread_avx
+    assert emulated.returncode == 0, emulated.stderr
+    portable = run_python(VENDOR_WORK, "2").stdout.split()[1]
+    one_thread_avx = run_python(VENDOR_WORK, "1", MKL_CBWR="AVX,STRICT").stdout.split()[1]
+    assert emulated.stdout.split() == ["portable", one_thread_avx]
+    assert portable != one_thread_avx

@@ -42,11 +42,12 @@ def _install() -> None:
 
     def conn():
         if state["conn"] is None:
-            parent, child = multiprocessing.get_context("spawn").Pipe()
+            spawn = multiprocessing.get_context("spawn")  # a fresh process: MKL fixes its branch when it loads
+            parent, child = spawn.Pipe()
             saved = dict(os.environ)
             os.environ.update(MKL_CBWR="AVX,STRICT", ALIGNKIT_AMD_MKL_WORKER="1")
             try:
-                multiprocessing.get_context("spawn").Process(target=_worker, args=(child,), daemon=True).start()
+                spawn.Process(target=_worker, args=(child,), daemon=True).start()
             finally:
                 os.environ.clear()
                 os.environ.update(saved)
