@@ -3,9 +3,13 @@ a machine with more cores runs torch with more threads, and the committed number
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import subprocess
 import sys
+
+from conftest import tiny_recipe
 
 # The shape of the LM head's vocabulary tile in TRL's chunked log-prob kernel (tokens × hidden @ hidden × 32768):
 # large enough that MKL's threaded sgemm splits it, and differently for each thread count, unless in strict mode.
@@ -96,3 +100,54 @@ def test_amd_mkl_computes_the_vendor_dependent_work_as_mkl_does_on_amd():
     one_thread_avx = run_python(VENDOR_WORK, "1", MKL_CBWR="AVX,STRICT").stdout.split()[1]
     assert emulated.stdout.split() == ["portable", one_thread_avx]
     assert portable != one_thread_avx
+
+
+@contextlib.contextmanager
+def vendor_dependent_calls():
+    """Counts, by kind, the calls of MKL work whose bits depend on the CPU's vendor (numerics.mkl_vendor_dependent)
+    made inside the block."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from alignkit.numerics import mkl_vendor_dependent
+
+    seen = collections.Counter()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kind = mkl_vendor_dependent(str(func).removeprefix("aten."), args)
+            if kind:
+                seen[kind] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        yield seen
+
+
+def test_training_scoring_and_sampling_call_no_vendor_dependent_mkl_work(tmp_path, tiny_model, tiny_data):
+    """What makes a CPU pipeline's bits differ between Intel and AMD is gone from alignkit's paths: SFT, DPO (policy,
+    reference and evaluation scoring) and reward-model training, each with its optimiser steps, and sampled
+    generation call none of it — TRL's CPU log-prob tiles (exp, log), a one-output score head (matrix-vector) and
+    the Gumbel noise's log did."""
+    import torch
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    from alignkit.generation import RowSampler
+    from alignkit.train import stage_module
+
+    for stage in ("sft", "dpo", "reward"):
+        recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, stage, max_steps=2, eval_strategy="steps",
+                             eval_steps=1)
+        with vendor_dependent_calls() as seen:
+            metrics = stage_module(stage).train(["--config", recipe])
+        assert metrics and dict(seen) == {}, stage
+    with vendor_dependent_calls() as seen:
+        noise = RowSampler([0.7], [3]).gumbel(0, 4096)
+    assert dict(seen) == {} and torch.isfinite(noise).all()
+    # and the counter sees that work where it happens: TRL's kernel on the CPU, a plain score head, torch.log
+    g = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(5, 32, generator=g), torch.randn(64, 32, generator=g)
+    with vendor_dependent_calls() as seen:
+        ChunkedLogProbFunction.apply(hidden, head, None, torch.arange(5), 1.0, 32768, None, 1.0, ("log_probs",))
+        torch.nn.Linear(32, 1)(hidden)
+        torch.log(torch.rand(8, generator=g))
+    assert seen["exp"] and seen["log"] and seen["matrix-vector"]

@@ -132,10 +132,13 @@ class RowSampler:
 
     def gumbel(self, row: int, vocab: int):
         """The row's Gumbel noise, -G = log(-log(U)), from its own stream, computed on the CPU: the same bits
-        whatever the device, the batch or the other rows."""
+        whatever the device, the batch or the other rows — and the CPU's vendor: `torch.log` is MKL's vector math,
+        whose bits differ between Intel and AMD (numerics.mkl_vendor_dependent), `log1p` ATen's own; in float64,
+        log1p(x - 1) is log(x) well past float32's precision (x - 1 is exact for U's multiples of 2^-24)."""
         import torch
 
-        return torch.log(-torch.log(torch.rand(vocab, generator=self.streams[row])))
+        u = torch.rand(vocab, generator=self.streams[row]).double()
+        return torch.log1p(-torch.log1p(u - 1) - 1).float()
 
 
 def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:

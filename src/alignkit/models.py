@@ -46,14 +46,18 @@ def trust_remote_code(recipe) -> bool:
 def load_pretrained(path: str, *, auto_class=None, gguf_file: str | None = None, adapter: str | None = None,
                     adapter_trainable: bool = False, **kwargs):
     """The one `from_pretrained`: `path` (a hub id, a directory, or a directory + `gguf_file`) with `auto_class`
-    (default: a causal LM), GGUF weights made plain, and a PEFT `adapter` directory on top when given."""
+    (default: a causal LM), GGUF weights made plain, a one-output score head computed vendor-independently, and a PEFT
+    `adapter` directory on top when given."""
     from transformers import AutoModelForCausalLM
 
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    from alignkit.score_head import portable_score_head
+
     model = (auto_class or AutoModelForCausalLM).from_pretrained(path, **kwargs)
     if gguf_file:
         drop_gguf_quantizer(model)
+    portable_score_head(model)  # a reward model's score head: the same bits on any CPU (score_head.py)
     if adapter:
         from peft import PeftModel
 

@@ -61,3 +61,35 @@ def portable_4bit(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+# What MKL computes with other bits on AMD CPUs than on Intel ones even under MKL_CBWR=AVX2,STRICT (measured on an
+# Intel Xeon against its AVX branch, which MKL runs on AMD: bench/results/intel/amd_mkl.json): the ATen operations
+# torch hands to MKL's vector math (ATen/cpu/vml.h; in float32 sin, cos and tanh are ATen's own, in float64 MKL's),
+# pow with exponent 0.5 (a square root), and matrix-vector products. alignkit's CPU paths call none of them on
+# floating-point tensors — scoring.CpuLogProbs, score_head.RowSumScore, generation's Gumbel noise
+# (tests/test_numerics.py) — and bench/amd_mkl.sh counts any that a run still calls.
+MKL_VECTOR_MATH = frozenset("exp log log2 log10 sqrt tan acos asin atan erf erfc erfinv".split())
+MKL_VECTOR_MATH_FLOAT64 = frozenset("sin cos tanh".split())
+
+
+def mkl_vendor_dependent(op: str, args) -> str | None:
+    """For ATen operation `op` ('exp.default', 'mm.default', ...) called on CPU with `args`: the kind of MKL work
+    whose bits depend on the CPU's vendor ('exp', 'matrix-vector', ...), or None."""
+    import torch
+
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or any(t.device.type != "cpu" or not t.is_floating_point() for t in tensors):
+        return None
+    name = op.split(".")[0].removesuffix("_")
+    if name in MKL_VECTOR_MATH or (name in MKL_VECTOR_MATH_FLOAT64 and tensors[0].dtype == torch.float64):
+        return name
+    if name == "pow" and len(args) > 1 and isinstance(args[1], float) and args[1] == 0.5:
+        return "pow 0.5"
+    if name in ("mm", "addmm", "bmm", "baddbmm"):  # (input,) a, b: one row of a or one column of b
+        a, b = args[-2], args[-1]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.shape[-2] == 1 or b.shape[-1] == 1):
+            return "matrix-vector"
+    if name in ("mv", "addmv"):
+        return "matrix-vector"
+    return None

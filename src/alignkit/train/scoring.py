@@ -7,7 +7,8 @@ hand TRL's own loss code a policy that computes only what the loss reads:
 
 - `CompletionScorer` (SFT): the model's ordinary forward for the hidden states, then only the positions whose next
   token has a label go through the LM head, with TRL's own chunked log-prob kernel (`ChunkedLogProbFunction`, the
-  one TRL uses for exactly this on CUDA), laid out as TRL's fused head returns them (zero where the label is -100).
+  one TRL uses for exactly this on CUDA) — on the CPU with `CpuLogProbs`, the same values from ATen's own softmax
+  kernels — laid out as TRL's fused head returns them (zero where the label is -100).
 - `PairScorer` (DPO): besides, each pair runs once as one row, prompt · chosen · rejected, under an attention mask
   in which the chosen tokens see the prompt and themselves and the rejected tokens the prompt and themselves
   (position ids restart after the prompt): the prompt is computed once for both answers, and a row is as long as
@@ -138,11 +139,98 @@ def pair_layout(input_ids, attention_mask, labels):
 
 
 def head_log_probs(model, hidden, targets, outputs: tuple[str, ...]):
-    """TRL's chunked log-prob kernel on the LM head of `model` for the hidden states of the scored positions."""
+    """Log-probs (and `outputs`) of the scored positions through the LM head of `model`, for their hidden states:
+    TRL's chunked kernel, on the CPU CpuLogProbs."""
     head = unwrapped(model).get_output_embeddings()
+    hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
     with maybe_gather_lm_head_ctx(head.weight, head.bias):
-        return ChunkedLogProbFunction.apply(hidden.to(head.weight.device), head.weight, head.bias,
-                                            targets.to(head.weight.device), 1.0, VOCAB_CHUNK, None, 1.0, outputs)
+        if head.weight.device.type == "cpu":
+            return CpuLogProbs.apply(hidden, head.weight, head.bias, targets, outputs)
+        return ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, 1.0, VOCAB_CHUNK, None, 1.0,
+                                            outputs)
+
+
+class CpuLogProbs(torch.autograd.Function):
+    """TRL's ChunkedLogProbFunction (temperature 1, no logit transforms) for the CPU, from ATen's log-softmax and
+    softmax kernels. TRL's CPU tiles call `torch.exp` and `torch.log`, which torch computes with MKL's vector
+    math, and MKL computes those differently on Intel and AMD CPUs whatever MKL_CBWR says (1 ulp in ~1 of 5
+    values; numerics.mkl_vendor_dependent): SFT gradients and DPO metrics then differed between vendors. ATen's
+    own kernels give the same bits on every x86-64 CPU under alignkit's portable settings (numerics.py).
+
+    The softmax work runs in float64 on the fp32 logits: in fp32 the log-softmax route rounds differently enough
+    from TRL's online log-sum-exp that losses which amplify (sppo_hard, discopop) leave 1e-6 of TRL's gradients;
+    in float64 both stay within it (tests/test_scoring.py). Outputs as TRL's: log-probs, then entropy,
+    log(sum p^2), mean logit and is-top-1 when asked for (None when not), in fp32; gradients flow through the
+    log-probs and the entropy. Positions run in tiles of TOKENS, each through the whole vocabulary; the backward
+    recomputes each tile's logits, as TRL's does, instead of keeping them."""
+
+    TOKENS = 256
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, outputs):
+        ctx.set_materialize_grads(False)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+        n = hidden.shape[0]
+        wanted = {name: name in outputs for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")}
+        log_probs = torch.zeros(n)
+        entropy, log_sum_sq, mean_logits = (torch.zeros(n) if wanted[k] else None
+                                            for k in ("entropy", "log_sum_sq_probs", "mean_logits"))
+        is_top1 = torch.zeros(n, dtype=torch.bool) if wanted["is_top1"] else None
+        for start in range(0, n, CpuLogProbs.TOKENS):
+            rows = slice(start, start + CpuLogProbs.TOKENS)
+            z = tile_logits(hidden[rows], weight, bias, dtype)
+            log_p = torch.log_softmax(z, -1)
+            log_probs[rows] = log_p.gather(-1, targets[rows, None]).squeeze(-1)
+            if entropy is not None:
+                entropy[rows] = -(torch.softmax(z, -1) * log_p).sum(-1)
+            if log_sum_sq is not None:  # log sum exp(2 log p), as 2 max log p - log_softmax(2 log p) at the max
+                top = log_p.argmax(-1, keepdim=True)
+                log_sum_sq[rows] = -torch.log_softmax(2 * log_p, -1).gather(-1, top).squeeze(-1) + 2 * log_p.gather(
+                    -1, top).squeeze(-1)
+            if mean_logits is not None:
+                mean_logits[rows] = z.mean(-1)
+            if is_top1 is not None:  # argmax is the first maximum: a tie with an earlier token is not top-1, as TRL's
+                is_top1[rows] = z.argmax(-1) == targets[rows]
+        ctx.save_for_backward(hidden, weight, bias, targets, entropy)
+        ctx.dtype = dtype
+        ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
+        return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy, *_):
+        hidden, weight, bias, targets, entropy = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros(hidden.shape) if needs_hidden else None
+        with maybe_gather_lm_head_ctx(weight, bias):
+            grad_weight = torch.zeros(weight.shape) if needs_weight else None
+            grad_bias = torch.zeros(bias.shape) if needs_bias else None
+            weight32 = weight.float()
+            for start in range(0, hidden.shape[0], CpuLogProbs.TOKENS):
+                rows = slice(start, start + CpuLogProbs.TOKENS)
+                z = tile_logits(hidden[rows], weight, bias, ctx.dtype)
+                p = torch.softmax(z, -1)
+                grad = torch.zeros_like(z)
+                if grad_log_probs is not None:  # d log p_target / dz_j = 1[j = target] - p_j
+                    grad -= grad_log_probs[rows, None].double() * p
+                    grad.scatter_add_(-1, targets[rows, None], grad_log_probs[rows, None].double())
+                if grad_entropy is not None:  # d entropy / dz_j = -p_j (log p_j + entropy)
+                    grad -= grad_entropy[rows, None].double() * p * (torch.log_softmax(z, -1) + entropy[rows, None])
+                grad = grad.to(ctx.dtype).float()  # as TRL's tile: the logits' gradient in the compute dtype
+                if grad_hidden is not None:
+                    grad_hidden[rows] = grad @ weight32
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad.t(), hidden[rows].float())
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0)
+        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def tile_logits(hidden, weight, bias, dtype):
+    """The logits of a tile of positions in float64, the product in the compute dtype (as TRL's tiles)."""
+    z = hidden.to(dtype) @ weight.to(dtype).t()
+    return (z if bias is None else z + bias.to(dtype)).double()
 
 
 def fused_output(labels, per_token, place) -> FusedCausalLMOutput:
