@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, write_jsonl
 
 # The shape of the LM head's vocabulary tile in TRL's chunked log-prob kernel (tokens × hidden @ hidden × 32768):
 # large enough that MKL's threaded sgemm splits it, and differently for each thread count, unless in strict mode.
@@ -124,7 +124,7 @@ def vendor_dependent_calls():
 
 
 def test_training_scoring_and_sampling_call_no_vendor_dependent_mkl_work(tmp_path, tiny_model, tiny_data):
-    """What makes a CPU pipeline's bits differ between Intel and AMD is gone from alignkit's paths: SFT, DPO (policy,
+    """What makes a CPU pipeline's bits differ between Intel and AMD is gone from alignkit's paths: CPT, SFT, DPO (policy,
     reference and evaluation scoring) and reward-model training, each with its optimiser steps, and sampled
     generation call none of it — TRL's CPU log-prob tiles (exp, log), a one-output score head (matrix-vector) and
     the Gumbel noise's log did."""
@@ -134,9 +134,10 @@ def test_training_scoring_and_sampling_call_no_vendor_dependent_mkl_work(tmp_pat
     from alignkit.generation import RowSampler
     from alignkit.train import stage_module
 
-    for stage in ("sft", "dpo", "reward"):
-        recipe = tiny_recipe(tmp_path, tiny_model, tiny_data, stage, max_steps=2, eval_strategy="steps",
-                             eval_steps=1)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "The capital of France is Paris. " * 8}] * 8)
+    for stage in ("cpt", "sft", "dpo", "reward"):
+        recipe = tiny_recipe(tmp_path, tiny_model, {**tiny_data, "text_train": text, "text_test": text}, stage,
+                             max_steps=2, eval_strategy="steps", eval_steps=1, max_length=32)
         with vendor_dependent_calls() as seen:
             metrics = stage_module(stage).train(["--config", recipe])
         assert metrics and dict(seen) == {}, stage

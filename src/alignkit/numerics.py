@@ -63,13 +63,16 @@ def portable_4bit(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-# What MKL computes with other bits on AMD CPUs than on Intel ones even under MKL_CBWR=AVX2,STRICT (measured on an
-# Intel Xeon against its AVX branch, which MKL runs on AMD: bench/results/intel/amd_mkl.json): the ATen operations
-# torch hands to MKL's vector math (ATen/cpu/vml.h; in float32 sin, cos and tanh are ATen's own, in float64 MKL's),
-# pow with exponent 0.5 (a square root), and matrix-vector products. alignkit's CPU paths call none of them on
-# floating-point tensors — scoring.CpuLogProbs, score_head.RowSumScore, generation's Gumbel noise
-# (tests/test_numerics.py) — and bench/amd_mkl.sh counts any that a run still calls.
-MKL_VECTOR_MATH = frozenset("exp log log2 log10 sqrt tan acos asin atan erf erfc erfinv".split())
+# What MKL computes with other bits on AMD CPUs than on Intel ones even under MKL_CBWR=AVX2,STRICT: on AMD it runs
+# its vector math and its matrix-vector products (one row or one column) as its AVX branch does on Intel, not as the
+# AVX2 one (measured for exp, log and those products: bench/results/intel/amd_mkl.json). So: the ATen operations torch
+# hands to MKL's vector math (ATen/cpu/vml.h) whose bits differ between those two branches on an Intel Xeon — in
+# float32 sin, cos and tanh are ATen's own, in float64 MKL's — and matrix-vector products. Not sqrt: MKL's AVX2 branch
+# rounds it correctly, and AMD's gave the same bits (the anima twin's bitsandbytes optimiser, 420 square roots a step,
+# trained to identical curves on both). alignkit's CPU paths call none of these on floats — scoring.CpuLogProbs,
+# score_head.RowSumScore, generation's Gumbel noise (tests/test_numerics.py) — and bench/amd_mkl.sh --count counts
+# any that a run still calls.
+MKL_VECTOR_MATH = frozenset("exp log log2 log10 tan acos asin atan erf erfc erfinv".split())
 MKL_VECTOR_MATH_FLOAT64 = frozenset("sin cos tanh".split())
 
 
@@ -84,8 +87,6 @@ def mkl_vendor_dependent(op: str, args) -> str | None:
     name = op.split(".")[0].removesuffix("_")
     if name in MKL_VECTOR_MATH or (name in MKL_VECTOR_MATH_FLOAT64 and tensors[0].dtype == torch.float64):
         return name
-    if name == "pow" and len(args) > 1 and isinstance(args[1], float) and args[1] == 0.5:
-        return "pow 0.5"
     if name in ("mm", "addmm", "bmm", "baddbmm"):  # (input,) a, b: one row of a or one column of b
         a, b = args[-2], args[-1]
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.shape[-2] == 1 or b.shape[-1] == 1):

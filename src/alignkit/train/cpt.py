@@ -32,7 +32,10 @@ def check(recipe, fail) -> None:
         fail("max_length (the block size of packed text) must be set for CPT")
 
 
-SPEC = StageSpec(name="cpt", config="trl:SFTConfig", trainer="trl:SFTTrainer", data_kind=TEXT, check=check,
+# TRL's SFTTrainer, scoring as the SFT stage does (scoring.py: on the CPU, log-probs whose bits do not depend on the
+# CPU's vendor)
+SPEC = StageSpec(name="cpt", config="trl:SFTConfig", trainer="alignkit.train.scoring:CompletionScoringSFTTrainer",
+                 data_kind=TEXT, check=check,
                  defaults={"packing": False, "assistant_only_loss": False})
 
 
@@ -76,7 +79,7 @@ def packed_dataset(rows, tokenizer, block_size: int, cache_dir: str, split: str)
 
 
 def train(argv: list[str]) -> dict:
-    from trl import SFTTrainer
+    from alignkit.train.scoring import CompletionScoringSFTTrainer
 
     # 1. Recipe.
     recipe = SPEC.parse(argv)
@@ -92,7 +95,8 @@ def train(argv: list[str]) -> dict:
 
     # 3-4. Model and trainer (pre-tokenised blocks: the trainer neither re-tokenises nor pads).
     model = load_model(recipe, tokenizer)
-    trainer = make_trainer(SFTTrainer, recipe, model, tokenizer, train_ds, eval_ds, tracked_as=SPEC.name)
+    trainer = make_trainer(CompletionScoringSFTTrainer, recipe, model, tokenizer, train_ds, eval_ds,
+                           tracked_as=SPEC.name)
 
     # 5. Held-out perplexity before, train, perplexity after.
     loss_before = trainer.evaluate()["eval_loss"]
