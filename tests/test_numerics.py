@@ -124,10 +124,10 @@ def vendor_dependent_calls():
 
 
 def test_training_scoring_and_sampling_call_no_vendor_dependent_mkl_work(tmp_path, tiny_model, tiny_data):
-    """What makes a CPU pipeline's bits differ between Intel and AMD is gone from alignkit's paths: CPT, SFT, DPO (policy,
-    reference and evaluation scoring) and reward-model training, each with its optimiser steps, and sampled
-    generation call none of it — TRL's CPU log-prob tiles (exp, log), a one-output score head (matrix-vector) and
-    the Gumbel noise's log did."""
+    """What makes a CPU pipeline's bits differ between Intel and AMD is gone from alignkit's paths: CPT, SFT, DPO
+    (policy, reference and evaluation scoring) and reward-model training, each with its optimiser steps, scoring a
+    single position, and sampled generation call none of it — TRL's CPU log-prob tiles (exp, log), a one-output
+    score head (matrix-vector) and the Gumbel noise's log did."""
     import torch
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
@@ -141,12 +141,16 @@ def test_training_scoring_and_sampling_call_no_vendor_dependent_mkl_work(tmp_pat
         with vendor_dependent_calls() as seen:
             metrics = stage_module(stage).train(["--config", recipe])
         assert metrics and dict(seen) == {}, stage
-    with vendor_dependent_calls() as seen:
-        noise = RowSampler([0.7], [3]).gumbel(0, 4096)
-    assert dict(seen) == {} and torch.isfinite(noise).all()
-    # and the counter sees that work where it happens: TRL's kernel on the CPU, a plain score head, torch.log
+    from alignkit.train.scoring import CpuLogProbs
+
     g = torch.Generator().manual_seed(0)
     hidden, head = torch.randn(5, 32, generator=g), torch.randn(64, 32, generator=g)
+    with vendor_dependent_calls() as seen:
+        noise = RowSampler([0.7], [3]).gumbel(0, 4096)
+        one = hidden[:1].clone().requires_grad_()
+        CpuLogProbs.apply(one, head, None, torch.arange(1), ("log_probs", "entropy"))[0].sum().backward()
+    assert dict(seen) == {} and torch.isfinite(noise).all() and one.grad.abs().sum() > 0
+    # and the counter sees that work where it happens: TRL's kernel on the CPU, a plain score head, torch.log
     with vendor_dependent_calls() as seen:
         ChunkedLogProbFunction.apply(hidden, head, None, torch.arange(5), 1.0, 32768, None, 1.0, ("log_probs",))
         torch.nn.Linear(32, 1)(hidden)
