@@ -14,6 +14,7 @@ import os
 
 from alignkit.errors import RecipeError, UsageError
 from alignkit.numerics import portable_4bit
+from alignkit.score_head import portable_score_head
 from alignkit.templates import NAMED_TEMPLATES, resolve_chat_template
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ def load_pretrained(path: str, *, auto_class=None, gguf_file: str | None = None,
 
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    from alignkit.score_head import portable_score_head
-
     model = (auto_class or AutoModelForCausalLM).from_pretrained(path, **kwargs)
     if gguf_file:
         drop_gguf_quantizer(model)

@@ -10,25 +10,33 @@ every x86-64 CPU under the portable settings, and the same function: the weight 
 
 from __future__ import annotations
 
-import torch
+import functools
 
 from alignkit.numerics import in_effect
 
 
-class RowSumScore(torch.nn.Linear):
-    """`nn.Linear(in_features, 1)` computed as a row sum."""
+@functools.cache
+def row_sum_score():
+    """The class RowSumScore, `nn.Linear(in_features, 1)` computed as a row sum (made on first use: torch loads only
+    when a model does)."""
+    import torch
 
-    def forward(self, x):
-        out = (x * self.weight[0].to(x.dtype)).sum(-1, keepdim=True)
-        return out if self.bias is None else out + self.bias.to(x.dtype)
+    class RowSumScore(torch.nn.Linear):
+        def forward(self, x):
+            out = (x * self.weight[0].to(x.dtype)).sum(-1, keepdim=True)
+            return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    return RowSumScore
 
 
 def portable_score_head(model) -> None:
     """In portable mode (numerics.py), the one-output `score` head of a sequence-classification `model` computes as
-    RowSumScore, holding the same parameters; other models are left as they are."""
+    a RowSumScore holding the same parameters; other models are left as they are."""
+    import torch
+
     head = getattr(model, "score", None)
     if in_effect()["cpu"] != "portable" or type(head) is not torch.nn.Linear or head.out_features != 1:
         return
-    row_sum = RowSumScore(head.in_features, 1, bias=head.bias is not None, device="meta")
+    row_sum = row_sum_score()(head.in_features, 1, bias=head.bias is not None, device="meta")
     row_sum.weight, row_sum.bias = head.weight, head.bias
     model.score = row_sum

@@ -22,7 +22,7 @@ from alignkit.command import run_cli
 from alignkit.data import TEXT, load_splits
 from alignkit.models import load_model, load_tokenizer
 from alignkit.train.checkpoints import checkpoints
-from alignkit.train.stage import StageSpec, finish, make_trainer, prepared, train_and_evaluate
+from alignkit.train.stage import StageSpec, finish, import_object, make_trainer, prepared, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,6 @@ def packed_dataset(rows, tokenizer, block_size: int, cache_dir: str, split: str)
 
 
 def train(argv: list[str]) -> dict:
-    from alignkit.train.scoring import CompletionScoringSFTTrainer
-
     # 1. Recipe.
     recipe = SPEC.parse(argv)
     block = recipe.train.max_length
@@ -95,7 +93,7 @@ def train(argv: list[str]) -> dict:
 
     # 3-4. Model and trainer (pre-tokenised blocks: the trainer neither re-tokenises nor pads).
     model = load_model(recipe, tokenizer)
-    trainer = make_trainer(CompletionScoringSFTTrainer, recipe, model, tokenizer, train_ds, eval_ds,
+    trainer = make_trainer(import_object(SPEC.trainer), recipe, model, tokenizer, train_ds, eval_ds,
                            tracked_as=SPEC.name)
 
     # 5. Held-out perplexity before, train, perplexity after.
