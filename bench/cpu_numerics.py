@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 
+import machine  # bench/machine.py: the script's own folder is on sys.path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("portable", "native")
 
@@ -88,11 +90,8 @@ def main() -> None:
                    "sft_seconds_per_step": median(m, "sft", "seconds_per_step"),
                    "dpo_seconds_per_step": median(m, "dpo", "seconds_per_step"),
                    "generation_tokens_per_second": median(m, "generation", "tokens_per_second")} for m in MODES}
-    flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split()
     result = {
-        "machine": {"cpu": next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                if line.startswith("model name")), "cpus": os.cpu_count(),
-                    "avx512": sorted(f for f in flags if f.startswith("avx512"))},
+        "machine": machine.describe(),
         "rounds": args.rounds, "steps": args.steps, "prompts": args.prompts, "new_tokens": args.new_tokens,
         "median": summary,
         "portable_slower_by": {

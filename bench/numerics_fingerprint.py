@@ -33,6 +33,8 @@ importlib.import_module("alignkit")  # applies alignkit.numerics: before torch l
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import machine  # noqa: E402  bench/machine.py: the script's own folder is on sys.path
+
 TOKENS, HIDDEN, INTERMEDIATE, HEADS, HEAD_DIM, VOCAB, RANK = 320, 576, 1536, 9, 64, 49152, 16
 
 
@@ -137,8 +139,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from alignkit.numerics import in_effect
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    record = {"cpu": cpu, "numerics": in_effect()["cpu"], "MKL_CBWR": os.environ.get("MKL_CBWR"),
+    record = {"cpu": machine.cpu_name(), "numerics": in_effect()["cpu"], "MKL_CBWR": os.environ.get("MKL_CBWR"),
               "threads": args.threads, "torch": torch.__version__, "ops": fingerprints()}
     if args.out:
         with open(args.out, "w") as f:

@@ -32,6 +32,8 @@ import resource
 import sys
 import time
 
+import machine  # bench/machine.py: the script's own folder is on sys.path
+
 RECIPES = {"sft": "recipes/smol/sft.yaml", "dpo": "recipes/smol/dpo.yaml"}
 STOCK_TRAINERS = {"sft": "trl:SFTTrainer", "dpo": "trl:DPOTrainer"}  # TRL's own, for the stock variant
 
@@ -93,8 +95,6 @@ def needed_tokens_per_example(trainer, stage: str) -> tuple[float, float]:
 
 def table(results_dir: str) -> str:
     """bench/results/trainer_speed.md from the four JSON results: side by side, with the speed-up ratio."""
-    import platform
-
     rows = ["| stage | variant | grad. ckpt | precomputed ref | freed memory kept | batches | padding | s/step | "
             "tokens/s | peak RSS GiB | utilisation of fp32 matmul peak |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -108,9 +108,8 @@ def table(results_dir: str) -> str:
                         f"{x['utilisation_of_matmul_peak']:.1%} of {x['matmul_peak_gflops']:.0f} GFLOP/s |")
         ratios.append(f"{stage}: alignkit {r['stock']['seconds_per_step'] / r['alignkit']['seconds_per_step']:.2f}x "
                       "stock TRL per step")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return "\n".join([f"# Trainer speed, SmolLM2-135M-Instruct + LoRA, fp32, {os.cpu_count()} CPU threads ({cpu})", "",
+    return "\n".join([f"# Trainer speed, SmolLM2-135M-Instruct + LoRA, fp32, {os.cpu_count()} CPU threads "
+                      f"({machine.cpu_name()})", "",
                       *rows, "", "; ".join(ratios), ""])
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
@@ -221,6 +222,28 @@ def test_nothing_saved_empty_or_partial_under_sharding(saved_one_process, launch
             delta = scale * adapter[layer + ".lora_B.weight"] @ adapter[layer + ".lora_A.weight"]
             assert merged[key].allclose(base[key] + delta, atol=1e-6), key
             assert delta.abs().max() > 0
+
+
+def test_full_parameter_zero3_scores_through_the_head_module_and_matches_one_process(saved_one_process):
+    """Full-parameter SFT under ZeRO-3 on 2 CPU processes trains the tied LM head, which ZeRO-3 partitions: the scorer
+    runs it through its own module (scoring.head_log_probs) instead of falling back to TRL's forward (whose CPU
+    kernel calls MKL's vendor-dependent exp/log), and the run equals the one-process run: losses to 1e-3, every
+    saved weight to 1e-4."""
+    recipes, tmp = saved_one_process
+    out = tmp / "full-zero3-head"
+    done = subprocess.run([os.path.join(BIN, "accelerate"), "launch", "--config_file", deepspeed_cpu_config(tmp), "-m",
+                           "alignkit", "sft", "--config", recipes["full"], "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "TRL's own forward" not in log, [line for line in log.splitlines() if "TRL's own forward" in line]
+    assert json.load(open(out / "metrics.json"))["world_size"] == 2
+    assert losses(out) == pytest.approx(losses(tmp / "full-one"), rel=1e-3)
+    ours, theirs = load_file(str(out / "model.safetensors")), load_file(str(tmp / "full-one" / "model.safetensors"))
+    ours.pop("lm_head.weight", None)  # ZeRO-3 also writes the tied head; one process leaves it out
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
 def test_preemption_through_alignkit_launch_and_accelerate_resumes_to_the_uninterrupted_result(

@@ -234,3 +234,38 @@ def test_sft_equals_trl(tmp_path, tiny_model, assistant_only_loss):
     if assistant_only_loss:  # the prompt is not scored: far fewer positions than TRL projects on this CPU
         labels = inputs["labels"][:, 1:]
         assert 0 < int((labels != -100).sum()) < labels.numel() // 2
+
+
+@pytest.mark.parametrize("rows", [1, 37, 300])
+def test_the_head_module_path_equals_the_cpu_kernel(rows):
+    """What a trainable LM head under ZeRO-3 on the CPU scores through (the head's own module, so that ZeRO-3's hooks
+    gather its weight and reduce its gradient, then logits_log_probs) gives CpuLogProbs' values and gradients: rows
+    across CpuLogProbs' tiles, and a single row (computed as two)."""
+    from alignkit.train.scoring import DPO_OUTPUTS, CpuLogProbs, logits_log_probs
+
+    outputs = DPO_OUTPUTS + ("log_sum_sq_probs",)
+    generator = torch.Generator().manual_seed(rows)
+    head = torch.nn.Linear(24, 1000, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1000, 24, generator=generator))
+    hidden = torch.randn(rows, 24, generator=generator)
+    targets = torch.randint(0, 1000, (rows,), generator=generator)
+    upstream = torch.randn(2, rows, generator=generator)
+    results = []
+    for path in ("kernel", "module"):
+        h, w = hidden.clone().requires_grad_(), head.weight
+        w.grad = None
+        if path == "kernel":
+            values = CpuLogProbs.apply(h, w, None, targets, outputs)
+        else:
+            z = head(torch.cat([h, h]))[:1] if rows == 1 else head(h)
+            values = logits_log_probs(z.float(), targets, outputs)
+        ((values[0] * upstream[0]).sum() + (values[1] * upstream[1]).sum()).backward()
+        results.append((values, h.grad, w.grad.clone()))
+    (kernel, hk, wk), (module, hm, wm) = results
+    for a, b in zip(kernel, module):
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert_gradients_equal({"hidden": hk, "weight": wk}, {"hidden": hm, "weight": wm})

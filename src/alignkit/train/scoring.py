@@ -79,8 +79,11 @@ def unsupported(model) -> str | None:
     peft_configs = getattr(model.module if hasattr(model, "module") else model, "peft_config", {}) or {}
     if any(getattr(c, "num_virtual_tokens", None) for c in peft_configs.values()):
         return "prompt-learning PEFT"
-    if is_deepspeed_zero3_enabled() and base.get_output_embeddings().weight.requires_grad:
-        return "ZeRO-3 with a trainable LM head (its gradient must be reduced inside the model's forward)"
+    head = base.get_output_embeddings().weight
+    if is_deepspeed_zero3_enabled() and head.requires_grad and head.device.type != "cpu":
+        # on the CPU head_log_probs runs such a head through its own module (ZeRO-3's hooks gather it and reduce its
+        # gradient); on a GPU that would hold the logits of every scored position at once, TRL's forward does not
+        return "ZeRO-3 with a trainable LM head on a GPU (its gradient must be reduced inside the model's forward)"
     return None
 
 
@@ -140,9 +143,18 @@ def pair_layout(input_ids, attention_mask, labels):
 
 def head_log_probs(model, hidden, targets, outputs: tuple[str, ...]):
     """Log-probs (and `outputs`) of the scored positions through the LM head of `model`, for their hidden states:
-    TRL's chunked kernel, on the CPU CpuLogProbs."""
+    TRL's chunked kernel, on the CPU CpuLogProbs — or, for a trainable head under ZeRO-3 on the CPU, the head's own
+    module and logits_log_probs."""
     head = unwrapped(model).get_output_embeddings()
     hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
+    if head.weight.device.type == "cpu" and hasattr(head.weight, "ds_id") and head.weight.requires_grad:
+        # ZeRO-3 gathers a partitioned weight and reduces its gradient in hooks around the module's forward, which a
+        # kernel given the weight itself bypasses (TRL's too: it refuses such a head). A single row as two: a
+        # one-row product is a matrix-vector product (numerics.mkl_vendor_dependent).
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+        rows = hidden.to(dtype)
+        z = head(torch.cat([rows, rows]))[:1] if rows.shape[0] == 1 else head(rows)
+        return logits_log_probs(z.float(), targets, outputs)
     with maybe_gather_lm_head_ctx(head.weight, head.bias):
         if head.weight.device.type == "cpu":
             return CpuLogProbs.apply(hidden, head.weight, head.bias, targets, outputs)
@@ -169,28 +181,15 @@ class CpuLogProbs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
         n = hidden.shape[0]
-        wanted = {name: name in outputs for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")}
         log_probs = torch.zeros(n)
-        entropy, log_sum_sq, mean_logits = (torch.zeros(n) if wanted[k] else None
+        entropy, log_sum_sq, mean_logits = (torch.zeros(n) if k in outputs else None
                                             for k in ("entropy", "log_sum_sq_probs", "mean_logits"))
-        is_top1 = torch.zeros(n, dtype=torch.bool) if wanted["is_top1"] else None
+        is_top1 = torch.zeros(n, dtype=torch.bool) if "is_top1" in outputs else None
         for rows in tiles(n):
-            z = tile_logits(hidden[rows], weight, bias, dtype)
-            # the log-probs from a float64 log-softmax: in fp32 its rounding and that of TRL's online log-sum-exp
-            # differ by ~1 ulp of log p, which losses that amplify log-ratios (sppo_hard, discopop) carry to 1e-6
-            # of the gradient; in float64 only TRL's own rounding is left (tests/test_scoring.py)
-            log_probs[rows] = torch.log_softmax(z, -1, dtype=torch.float64).gather(-1, targets[rows, None]).squeeze(-1)
-            log_p = torch.log_softmax(z, -1) if entropy is not None or log_sum_sq is not None else None
-            if entropy is not None:
-                entropy[rows] = -(torch.softmax(z, -1) * log_p).sum(-1)
-            if log_sum_sq is not None:  # log sum exp(2 log p), as 2 max log p - log_softmax(2 log p) at the max
-                top = log_p.argmax(-1, keepdim=True)
-                log_sum_sq[rows] = -torch.log_softmax(2 * log_p, -1).gather(-1, top).squeeze(-1) + 2 * log_p.gather(
-                    -1, top).squeeze(-1)
-            if mean_logits is not None:
-                mean_logits[rows] = z.mean(-1)
-            if is_top1 is not None:  # argmax is the first maximum: a tie with an earlier token is not top-1, as TRL's
-                is_top1[rows] = z.argmax(-1) == targets[rows]
+            values = logits_log_probs(tile_logits(hidden[rows], weight, bias, dtype), targets[rows], outputs)
+            for whole, tile in zip((log_probs, entropy, log_sum_sq, mean_logits, is_top1), values):
+                if whole is not None:
+                    whole[rows] = tile
         ctx.save_for_backward(hidden, weight, bias, targets, entropy)
         ctx.dtype = dtype
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
@@ -224,6 +223,29 @@ class CpuLogProbs(torch.autograd.Function):
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def logits_log_probs(z, targets, outputs: tuple[str, ...]):
+    """For the fp32 logits `z` of scored positions and their target ids: log-probs, then entropy, log(sum p^2), mean
+    logit and is-top-1 where `outputs` asks for them (None where not), as TRL's kernel returns them, from ATen's
+    log-softmax and softmax kernels. Under autograd, differentiable through the log-probs and the entropy."""
+    # the log-probs from a float64 log-softmax: in fp32 its rounding and that of TRL's online log-sum-exp differ by
+    # ~1 ulp of log p, which losses that amplify log-ratios (sppo_hard, discopop) carry to 1e-6 of the gradient; in
+    # float64 only TRL's own rounding is left (tests/test_scoring.py)
+    log_probs = torch.log_softmax(z, -1, dtype=torch.float64).gather(-1, targets[:, None]).squeeze(-1).float()
+    log_p = torch.log_softmax(z, -1) if "entropy" in outputs or "log_sum_sq_probs" in outputs else None
+    entropy = -(torch.softmax(z, -1) * log_p).sum(-1) if "entropy" in outputs else None
+    with torch.no_grad():
+        log_sum_sq = mean_logits = is_top1 = None
+        if "log_sum_sq_probs" in outputs:  # log sum exp(2 log p), as 2 max log p - log_softmax(2 log p) at the max
+            top = log_p.argmax(-1, keepdim=True)
+            log_sum_sq = 2 * log_p.gather(-1, top).squeeze(-1) - torch.log_softmax(2 * log_p, -1).gather(
+                -1, top).squeeze(-1)
+        if "mean_logits" in outputs:
+            mean_logits = z.mean(-1)
+        if "is_top1" in outputs:  # argmax is the first maximum: a tie with an earlier token is not top-1, as TRL's
+            is_top1 = z.argmax(-1) == targets
+    return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
 
 def tiles(n: int) -> list[slice]:
