@@ -29,6 +29,10 @@ PIPELINES = {"dvc.yaml": "smol (make demo)",
              "pipelines/zephyr-7b-beta/dvc.yaml": "zephyr twin (make train-zephyr VARIANT=twin; 2 processes, ZeRO-3)",
              "pipelines/anima-33b/dvc.yaml": "anima twin (make train-anima VARIANT=twin; 2 processes, QLoRA nf4)"}
 STAGE = re.compile(r"^(?:Running stage|Stage) '(?:[\w./-]*dvc\.yaml:)?(\w+)'")
+WHAT = ("Issue 15: the MKL work whose bits depend on the CPU's vendor (alignkit.numerics.mkl_vendor_dependent) that "
+        "each stage of each pipeline calls, counted by bench/vendor_work.py while it regenerated the committed "
+        "results (`bench/amd_mkl.sh --count dvc repro -f <dvc.yaml>`). One entry per process that reported (a "
+        "launched stage: its two ranks, then the launcher and accelerate's own process).")
 REPORT = re.compile(r"\[amd_mkl\] vendor-dependent MKL work: (.+)$")
 
 
@@ -55,8 +59,8 @@ def stage_reports(log: str) -> dict[str, list[str]]:
     stage = None
     for line in log.splitlines():
         if match := STAGE.match(line):
-            stage = match.group(1)
-            reports.setdefault(stage, [])
+            reports.setdefault(match.group(1), [])
+            stage = None if "didn't change" in line else match.group(1)  # a skipped stage runs no process
         elif line.startswith("Updating lock file"):
             stage = None
         elif (match := REPORT.search(line)) and stage:
@@ -83,7 +87,7 @@ def main() -> int:
 
     # notes a reader added to an earlier file (what the remaining work is, what it was before) stay
     kept = json.load(open(args.out)) if os.path.exists(args.out) else {}
-    record = {**kept, "what": __doc__.split("\n\n")[0].replace("\n", " "),
+    record = {**kept, "what": WHAT,
               "date": datetime.date.today().isoformat(), "machine": machine.describe(),
               "numerics": in_effect(), "pipelines": {**kept.get("pipelines", {}), **results}}
     with open(args.out, "w") as f:
