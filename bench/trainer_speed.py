@@ -51,7 +51,7 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def build(stage: str, variant: str, steps: int | None, bf16: bool = False):
+def build(stage: str, variant: str, steps: int | None, bf16: bool = False, compile_model: bool = False):
     """The stage's trainer for the smol recipe; `steps` None = the recipe's own length (one epoch)."""
     import importlib
 
@@ -66,6 +66,8 @@ def build(stage: str, variant: str, steps: int | None, bf16: bool = False):
         overrides += ["--cpu_keep_freed_memory", "false"] + (["--ref_logps", ""] if stage == "dpo" else [])
     if bf16:  # alignkit's opt-in CPU precision: bf16 autocast, fp32 master weights
         overrides += ["--bf16", "true", "--use_cpu", "true"]
+    if compile_model:  # TrainingArguments.torch_compile: the model through torch.compile (inductor)
+        overrides += ["--torch_compile", "true"]
     recipe = spec.parse(["--config", RECIPES[stage], *overrides])
     if variant == "stock":
         config_cls = import_object(spec.config)
@@ -78,6 +80,55 @@ def build(stage: str, variant: str, steps: int | None, bf16: bool = False):
     trainer_cls = import_object(STOCK_TRAINERS[stage] if variant == "stock" else spec.trainer)
     trainer = make_trainer(trainer_cls, recipe, model, tokenizer, train_ds, eval_ds)
     return recipe, trainer, model
+
+
+# how the profile groups operators (self time, so nothing is counted twice)
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv"}
+
+
+class StepProfile:
+    """A TrainerCallback profiling steps 2 .. STEPS+1 (the first is warm-up) with torch.profiler: each operator's self
+    time, the products' FLOPs (the profiler's own count) — summary() puts them beside the step's counted model
+    FLOPs."""
+
+    def __init__(self, steps: int):
+        self.steps, self.seconds, self.prof, self.started = steps, [], None, None
+
+    def on_step_begin(self, a, state, c, **k):
+        if state.global_step == 1:
+            import torch
+
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True)
+            self.prof.__enter__()
+        if self.prof is not None and len(self.seconds) < self.steps:
+            self.started = time.perf_counter()
+
+    def on_step_end(self, a, state, c, **k):
+        if self.prof is not None and self.started is not None:
+            self.seconds.append(time.perf_counter() - self.started)
+            self.started = None
+            if len(self.seconds) == self.steps:
+                self.prof.__exit__(None, None, None)
+
+    def summary(self, model_gflop_per_step: float, peak_gflops: float) -> dict:
+        events = self.prof.key_averages()
+        steps, wall = len(self.seconds), sum(self.seconds)
+        self_s = {e.key: e.self_cpu_time_total / 1e6 / steps for e in events}
+        products = sum(t for k, t in self_s.items() if k in PRODUCTS)
+        product_gflop = sum(e.flops for e in events if e.key in PRODUCTS) / 1e9 / steps
+        calls = sum(e.count for e in events if e.key in PRODUCTS) // steps
+        top = sorted(self_s.items(), key=lambda kv: -kv[1])[:12]
+        return {
+            "steps": steps, "seconds_per_step": round(wall / steps, 3),
+            "products_seconds_per_step": round(products, 3), "products_share": round(products * steps / wall, 3),
+            "product_calls_per_step": calls, "product_gflop_per_step": round(product_gflop, 1),
+            "model_gflop_per_step": round(model_gflop_per_step, 1),
+            "products_gflops": round(product_gflop / products, 1),
+            "products_utilisation_of_matmul_peak": round(product_gflop / products / peak_gflops, 3),
+            # the step's utilisation if every operator but the products took no time at all
+            "utilisation_if_only_products_took_time": round(model_gflop_per_step / products / peak_gflops, 3),
+            "top_self_seconds_per_step": {k: round(t, 3) for k, t in top},
+        }
 
 
 def needed_tokens_per_example(trainer, stage: str) -> tuple[float, float]:
@@ -152,6 +203,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="default: one epoch")
     p.add_argument("--bf16", action="store_true", help="the opt-in CPU precision (alignkit variant); with "
                    "ALIGNKIT_CPU_NUMERICS=native, or the bf16 units stay unused")
+    p.add_argument("--torch_compile", action="store_true", help="the model through torch.compile (alignkit variant)")
+    p.add_argument("--profile", type=int, metavar="STEPS", default=0,
+                   help="also profile STEPS steps after the first (torch.profiler): where the step's time goes, the "
+                        "matrix products' own FLOP rate, and the utilisation the step would reach if nothing but its "
+                        "products took time (the result's \"profile\")")
     p.add_argument("--out")
     p.add_argument("--table", metavar="RESULTS_DIR", help="write RESULTS_DIR/trainer_speed.md from the four runs")
     p.add_argument("--interleave", type=int, metavar="ROUNDS",
@@ -175,7 +231,7 @@ def main() -> None:
     from alignkit.train.batches import padding_fraction
 
     peak = matmul_peak_gflops()
-    recipe, trainer, model = build(args.stage, args.variant, args.steps, args.bf16)
+    recipe, trainer, model = build(args.stage, args.variant, args.steps, args.bf16, args.torch_compile)
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -189,6 +245,9 @@ def main() -> None:
 
     timer = StepTimes()
     trainer.add_callback(timer)
+    profiler = StepProfile(args.profile) if args.profile else None
+    if profiler:
+        trainer.add_callback(profiler)
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
@@ -221,7 +280,10 @@ def main() -> None:
         "utilisation_of_matmul_peak": round(flops / per_step / 1e9 / peak, 3),
         "threads": torch.get_num_threads(), "numerics": in_effect()["cpu"],
         "precision": "bf16 autocast" if trainer.args.bf16 else "fp32",
+        "torch_compile": bool(trainer.args.torch_compile),
     }
+    if profiler:
+        result["profile"] = profiler.summary(flops / 1e9, peak)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -33,7 +33,7 @@ WHAT = ("Issue 15: the MKL work whose bits depend on the CPU's vendor (alignkit.
         "each stage of each pipeline calls, counted by bench/vendor_work.py while it regenerated the committed "
         "results (`bench/amd_mkl.sh --count dvc repro -f <dvc.yaml>`). One entry per process that reported (a "
         "launched stage: its two ranks, then the launcher and accelerate's own process).")
-REPORT = re.compile(r"\[amd_mkl\] vendor-dependent MKL work: (.+)$")
+REPORT = re.compile(r"\[amd_mkl\] vendor-dependent MKL work: (none|[a-z-]+ \d+(?:, [a-z-]+ \d+)*)")
 
 
 def count_env() -> dict:
@@ -63,8 +63,8 @@ def stage_reports(log: str) -> dict[str, list[str]]:
             stage = None if "didn't change" in line else match.group(1)  # a skipped stage runs no process
         elif line.startswith("Updating lock file"):
             stage = None
-        elif (match := REPORT.search(line)) and stage:
-            reports[stage].append(match.group(1))
+        elif stage:  # findall: a line may hold two processes' reports written at the same moment
+            reports[stage] += REPORT.findall(line)
     return reports
 
 

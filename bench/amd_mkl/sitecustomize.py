@@ -76,7 +76,9 @@ def _install() -> None:
 
     def report():
         seen = ", ".join(f"{kind} {n}" for kind, n in sorted(state["seen"].items())) or "none"
-        print(f"[amd_mkl] vendor-dependent MKL work{' computed as on AMD' if route else ''}: {seen}", file=sys.stderr)
+        # one write of the whole line: processes sharing a stream (ranks of one stage) do not split each other's
+        sys.stderr.write(f"[amd_mkl] vendor-dependent MKL work{' computed as on AMD' if route else ''}: {seen}\n")
+        sys.stderr.flush()
 
     atexit.register(report)
 
