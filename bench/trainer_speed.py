@@ -86,8 +86,15 @@ def build(stage: str, variant: str, steps: int | None, bf16: bool = False, compi
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv"}
 
 
+def step_profile(steps: int):
+    """A TrainerCallback profiling steps 2 .. STEPS+1 (StepProfile)."""
+    from transformers import TrainerCallback
+
+    return type("StepProfileCallback", (StepProfile, TrainerCallback), {})(steps)
+
+
 class StepProfile:
-    """A TrainerCallback profiling steps 2 .. STEPS+1 (the first is warm-up) with torch.profiler: each operator's self
+    """Profiles steps 2 .. STEPS+1 (the first is warm-up) with torch.profiler: each operator's self
     time, the products' FLOPs (the profiler's own count) — summary() puts them beside the step's counted model
     FLOPs."""
 
@@ -98,7 +105,8 @@ class StepProfile:
         if state.global_step == 1:
             import torch
 
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True)
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True,
+                                               record_shapes=True)
             self.prof.__enter__()
         if self.prof is not None and len(self.seconds) < self.steps:
             self.started = time.perf_counter()
@@ -118,6 +126,7 @@ class StepProfile:
         product_gflop = sum(e.flops for e in events if e.key in PRODUCTS) / 1e9 / steps
         calls = sum(e.count for e in events if e.key in PRODUCTS) // steps
         top = sorted(self_s.items(), key=lambda kv: -kv[1])[:12]
+        replayed = replay_products(self.prof, steps)
         return {
             "steps": steps, "seconds_per_step": round(wall / steps, 3),
             "products_seconds_per_step": round(products, 3), "products_share": round(products * steps / wall, 3),
@@ -125,10 +134,37 @@ class StepProfile:
             "model_gflop_per_step": round(model_gflop_per_step, 1),
             "products_gflops": round(product_gflop / products, 1),
             "products_utilisation_of_matmul_peak": round(product_gflop / products / peak_gflops, 3),
+            # the profiler slows every operator down; the same products replayed alone, at this step's shapes and
+            # counts, time them without it
+            "replayed_products_seconds_per_step": round(replayed, 3),
+            "replayed_products_utilisation_of_matmul_peak": round(product_gflop / replayed / peak_gflops, 3),
             # the step's utilisation if every operator but the products took no time at all
-            "utilisation_if_only_products_took_time": round(model_gflop_per_step / products / peak_gflops, 3),
+            "utilisation_if_only_products_took_time": round(model_gflop_per_step / replayed / peak_gflops, 3),
             "top_self_seconds_per_step": {k: round(t, 3) for k, t in top},
         }
+
+
+def replay_products(prof, steps: int, repeats: int = 3) -> float:
+    """Seconds per step of the profiled steps' matrix products replayed alone: each (operator, input shapes) as many
+    times per step as it ran, on random contiguous inputs, best of `repeats`."""
+    import torch
+
+    total = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in PRODUCTS:
+            continue
+        shapes = [s for s in e.input_shapes if s]
+        op = getattr(torch.ops.aten, e.key.removeprefix("aten::"))
+        inputs = [torch.randn(s) for s in shapes]
+        calls = max(1, round(e.count / steps))
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                op(*inputs)
+            best = min(best, time.perf_counter() - start)
+        total += best
+    return total
 
 
 def needed_tokens_per_example(trainer, stage: str) -> tuple[float, float]:
@@ -137,6 +173,8 @@ def needed_tokens_per_example(trainer, stage: str) -> tuple[float, float]:
     if stage == "dpo":
         work = [(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]),
                  len(r["chosen_ids"]) + len(r["rejected_ids"])) for r in ds]
+    elif "labels" in ds.column_names:  # alignkit's tokenized rows: -100 where no log-prob is scored
+        work = [(len(r["input_ids"]), sum(label != -100 for label in r["labels"][1:])) for r in ds]
     else:
         mask = "assistant_masks" if "assistant_masks" in ds.column_names else "completion_mask"
         work = [(len(r["input_ids"]), sum(r[mask]) if mask in ds.column_names else len(r["input_ids"]) - 1)
@@ -245,7 +283,7 @@ def main() -> None:
 
     timer = StepTimes()
     trainer.add_callback(timer)
-    profiler = StepProfile(args.profile) if args.profile else None
+    profiler = step_profile(args.profile) if args.profile else None
     if profiler:
         trainer.add_callback(profiler)
     start = time.perf_counter()
