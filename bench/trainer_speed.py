@@ -86,62 +86,32 @@ def build(stage: str, variant: str, steps: int | None, bf16: bool = False, compi
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv"}
 
 
-def step_profile(steps: int):
-    """A TrainerCallback profiling steps 2 .. STEPS+1 (StepProfile)."""
-    from transformers import TrainerCallback
-
-    return type("StepProfileCallback", (StepProfile, TrainerCallback), {})(steps)
-
-
-class StepProfile:
-    """Profiles steps 2 .. STEPS+1 (the first is warm-up) with torch.profiler: each operator's self
-    time, the products' FLOPs (the profiler's own count) — summary() puts them beside the step's counted model
-    FLOPs."""
-
-    def __init__(self, steps: int):
-        self.steps, self.seconds, self.prof, self.started = steps, [], None, None
-
-    def on_step_begin(self, a, state, c, **k):
-        if state.global_step == 1:
-            import torch
-
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True,
-                                               record_shapes=True)
-            self.prof.__enter__()
-        if self.prof is not None and len(self.seconds) < self.steps:
-            self.started = time.perf_counter()
-
-    def on_step_end(self, a, state, c, **k):
-        if self.prof is not None and self.started is not None:
-            self.seconds.append(time.perf_counter() - self.started)
-            self.started = None
-            if len(self.seconds) == self.steps:
-                self.prof.__exit__(None, None, None)
-
-    def summary(self, model_gflop_per_step: float, peak_gflops: float) -> dict:
-        events = self.prof.key_averages()
-        steps, wall = len(self.seconds), sum(self.seconds)
-        self_s = {e.key: e.self_cpu_time_total / 1e6 / steps for e in events}
-        products = sum(t for k, t in self_s.items() if k in PRODUCTS)
-        product_gflop = sum(e.flops for e in events if e.key in PRODUCTS) / 1e9 / steps
-        calls = sum(e.count for e in events if e.key in PRODUCTS) // steps
-        top = sorted(self_s.items(), key=lambda kv: -kv[1])[:12]
-        replayed = replay_products(self.prof, steps)
-        return {
-            "steps": steps, "seconds_per_step": round(wall / steps, 3),
-            "products_seconds_per_step": round(products, 3), "products_share": round(products * steps / wall, 3),
-            "product_calls_per_step": calls, "product_gflop_per_step": round(product_gflop, 1),
-            "model_gflop_per_step": round(model_gflop_per_step, 1),
-            "products_gflops": round(product_gflop / products, 1),
-            "products_utilisation_of_matmul_peak": round(product_gflop / products / peak_gflops, 3),
-            # the profiler slows every operator down; the same products replayed alone, at this step's shapes and
-            # counts, time them without it
-            "replayed_products_seconds_per_step": round(replayed, 3),
-            "replayed_products_utilisation_of_matmul_peak": round(product_gflop / replayed / peak_gflops, 3),
-            # the step's utilisation if every operator but the products took no time at all
-            "utilisation_if_only_products_took_time": round(model_gflop_per_step / replayed / peak_gflops, 3),
-            "top_self_seconds_per_step": {k: round(t, 3) for k, t in top},
-        }
+def profile_summary(prof, seconds: list[float], model_gflop_per_step: float, peak_gflops: float) -> dict:
+    """The profiled steps (`seconds` each): each operator's self time and the products' FLOPs (the profiler's own
+    count), beside the step's counted model FLOPs and the same products replayed alone."""
+    events = prof.key_averages()
+    steps, wall = len(seconds), sum(seconds)
+    self_s = {e.key: e.self_cpu_time_total / 1e6 / steps for e in events}
+    products = sum(t for k, t in self_s.items() if k in PRODUCTS)
+    product_gflop = sum(e.flops for e in events if e.key in PRODUCTS) / 1e9 / steps
+    calls = sum(e.count for e in events if e.key in PRODUCTS) // steps
+    top = sorted(self_s.items(), key=lambda kv: -kv[1])[:12]
+    replayed = replay_products(prof, steps)
+    return {
+        "steps": steps, "seconds_per_step": round(wall / steps, 3),
+        "products_seconds_per_step": round(products, 3), "products_share": round(products * steps / wall, 3),
+        "product_calls_per_step": calls, "product_gflop_per_step": round(product_gflop, 1),
+        "model_gflop_per_step": round(model_gflop_per_step, 1),
+        "products_gflops": round(product_gflop / products, 1),
+        "products_utilisation_of_matmul_peak": round(product_gflop / products / peak_gflops, 3),
+        # the profiler slows every operator down; the same products replayed alone, at this step's shapes and
+        # counts, time them without it
+        "replayed_products_seconds_per_step": round(replayed, 3),
+        "replayed_products_utilisation_of_matmul_peak": round(product_gflop / replayed / peak_gflops, 3),
+        # the step's utilisation if every operator but the products took no time at all
+        "utilisation_if_only_products_took_time": round(model_gflop_per_step / replayed / peak_gflops, 3),
+        "top_self_seconds_per_step": {k: round(t, 3) for k, t in top},
+    }
 
 
 def replay_products(prof, steps: int, repeats: int = 3) -> float:
@@ -272,20 +242,29 @@ def main() -> None:
     recipe, trainer, model = build(args.stage, args.variant, args.steps, args.bf16, args.torch_compile)
 
     class StepTimes(TrainerCallback):
+        """Each step's seconds; with --profile, steps 2 .. PROFILE+1 (the first is warm-up) under torch.profiler."""
+
         def __init__(self):
-            self.times, self.start = [], None
+            self.times, self.start, self.prof = [], None, None
 
         def on_step_begin(self, a, s, c, **k):
+            if args.profile and len(self.times) == 1:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                   with_flops=True, record_shapes=True)
+                self.prof.__enter__()
             self.start = time.perf_counter()
 
         def on_step_end(self, a, s, c, **k):
             self.times.append(time.perf_counter() - self.start)
+            if self.prof is not None and len(self.times) == 1 + args.profile:
+                self.prof.__exit__(None, None, None)
+
+        def on_train_end(self, a, s, c, **k):
+            if self.prof is not None and len(self.times) < 1 + args.profile:  # fewer steps than --profile asked
+                self.prof.__exit__(None, None, None)
 
     timer = StepTimes()
     trainer.add_callback(timer)
-    profiler = step_profile(args.profile) if args.profile else None
-    if profiler:
-        trainer.add_callback(profiler)
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
@@ -320,8 +299,8 @@ def main() -> None:
         "precision": "bf16 autocast" if trainer.args.bf16 else "fp32",
         "torch_compile": bool(trainer.args.torch_compile),
     }
-    if profiler:
-        result["profile"] = profiler.summary(flops / 1e9, peak)
+    if timer.prof is not None:
+        result["profile"] = profile_summary(timer.prof, timer.times[1:1 + args.profile], flops / 1e9, peak)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -28,7 +28,7 @@ PIPELINES = {"dvc.yaml": "smol (make demo)",
              "pipelines/gpt2-nl/dvc.yaml": "gpt2-nl twin (make demo-gpt2-nl)",
              "pipelines/zephyr-7b-beta/dvc.yaml": "zephyr twin (make train-zephyr VARIANT=twin; 2 processes, ZeRO-3)",
              "pipelines/anima-33b/dvc.yaml": "anima twin (make train-anima VARIANT=twin; 2 processes, QLoRA nf4)"}
-STAGE = re.compile(r"^(?:Running stage|Stage) '(?:[\w./-]*dvc\.yaml:)?(\w+)'")
+STAGE = re.compile(r"^Running stage '(?:[\w./-]*dvc\.yaml:)?(\w+)'")
 WHAT = ("Issue 15: the MKL work whose bits depend on the CPU's vendor (alignkit.numerics.mkl_vendor_dependent) that "
         "each stage of each pipeline calls, counted by bench/vendor_work.py while it regenerated the committed "
         "results (`bench/amd_mkl.sh --count dvc repro -f <dvc.yaml>`). One entry per process that reported (a "
@@ -36,19 +36,13 @@ WHAT = ("Issue 15: the MKL work whose bits depend on the CPU's vendor (alignkit.
 REPORT = re.compile(r"\[amd_mkl\] vendor-dependent MKL work: (none|[a-z-]+ \d+(?:, [a-z-]+ \d+)*)")
 
 
-def count_env() -> dict:
-    """The environment for a command whose output stage_reports reads: offline, unbuffered (DVC's stage headers and
-    the stages' reports arrive in the order they were written)."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1"}
-
-
-def counted(args: list[str], cwd: str = ROOT, timeout: float | None = None, **env) -> subprocess.CompletedProcess:
-    """`args` (a dvc command) under `bench/amd_mkl.sh --count`, stdout and stderr in one stream; `env` on top of
-    count_env()."""
-    return subprocess.run(["bash", os.path.join(ROOT, "bench", "amd_mkl.sh"), "--count", *args], cwd=cwd,
-                          env={**count_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+def counted(args: list[str]) -> subprocess.CompletedProcess:
+    """`args` (a dvc command) under `bench/amd_mkl.sh --count`, offline, stdout and stderr in one unbuffered stream
+    (DVC's stage headers and the stages' reports arrive in the order they were written)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(["bash", os.path.join(ROOT, "bench", "amd_mkl.sh"), "--count", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def stage_reports(log: str) -> dict[str, list[str]]:
@@ -59,8 +53,8 @@ def stage_reports(log: str) -> dict[str, list[str]]:
     stage = None
     for line in log.splitlines():
         if match := STAGE.match(line):
-            reports.setdefault(match.group(1), [])
-            stage = None if "didn't change" in line else match.group(1)  # a skipped stage runs no process
+            stage = match.group(1)
+            reports.setdefault(stage, [])
         elif line.startswith("Updating lock file"):
             stage = None
         elif stage:  # findall: a line may hold two processes' reports written at the same moment
@@ -80,9 +74,9 @@ def main() -> int:
         if run.returncode:
             print(run.stdout[-4000:], file=sys.stderr)
             return run.returncode
-        results[PIPELINES.get(dvc_yaml, dvc_yaml)] = {"stages": stage_reports(run.stdout),
-                                                       "dvc_repro_f_seconds": round(time.monotonic() - start, 1)}
-        print(dvc_yaml, json.dumps(results[PIPELINES.get(dvc_yaml, dvc_yaml)]), flush=True)
+        name = PIPELINES.get(dvc_yaml, dvc_yaml)
+        results[name] = {"stages": stage_reports(run.stdout), "dvc_repro_f_seconds": round(time.monotonic() - start, 1)}
+        print(dvc_yaml, json.dumps(results[name]), flush=True)
     from alignkit.numerics import in_effect  # after the runs: what the stages ran under, as this process would
 
     # notes a reader added to an earlier file (what the remaining work is, what it was before) stay

@@ -31,9 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cmd: list[str], tmp_path) -> None:
+def run(cmd: list[str], tmp_path) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def losses(out_dir) -> list[float]:
@@ -88,8 +89,9 @@ def deepspeed_cpu_config(tmp, zero_stage: int = 3) -> str:
     return str(config)
 
 
-def accelerate(config: str, stage: str, args: list[str], tmp) -> None:
-    run([os.path.join(BIN, "accelerate"), "launch", "--config_file", config, "-m", "alignkit", stage, *args], tmp)
+def accelerate(config: str, stage: str, args: list[str], tmp) -> subprocess.CompletedProcess:
+    return run([os.path.join(BIN, "accelerate"), "launch", "--config_file", config, "-m", "alignkit", stage, *args],
+               tmp)
 
 
 def test_ddp_two_processes_match_one(single_process):
@@ -231,11 +233,8 @@ def test_full_parameter_zero3_scores_through_the_head_module_and_matches_one_pro
     saved weight to 1e-4."""
     recipes, tmp = saved_one_process
     out = tmp / "full-zero3-head"
-    done = subprocess.run([os.path.join(BIN, "accelerate"), "launch", "--config_file", deepspeed_cpu_config(tmp), "-m",
-                           "alignkit", "sft", "--config", recipes["full"], "--output_dir", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp)
+    done = accelerate(deepspeed_cpu_config(tmp), "sft", ["--config", recipes["full"], "--output_dir", str(out)], tmp)
     log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-3000:]
     assert "TRL's own forward" not in log, [line for line in log.splitlines() if "TRL's own forward" in line]
     assert json.load(open(out / "metrics.json"))["world_size"] == 2
     assert losses(out) == pytest.approx(losses(tmp / "full-one"), rel=1e-3)
