@@ -41,11 +41,12 @@ with open(log_path, "w") as log:
         ends = [t for _, t in starts[1:]] + [time.perf_counter()]
         seconds = {name: end - start for (name, start), end in zip(starts, ends)}
 total = time.perf_counter() - begin
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+sys.path.insert(0, "bench")
+import machine  # bench/machine.py
 memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
 # machines of one kind come with different instruction sets (AVX2 only, AVX-512 with BF16): say which this was
-isa = sorted(set(re.findall(r"\b(avx2|avx512\w*|amx\w*)\b", open("/proc/cpuinfo").read())))
-result = {"machine": {"cpus": os.cpu_count(), "cpu": cpu, "isa": isa, "memory_gb": memory},
+result = {"machine": {"cpus": os.cpu_count(), "cpu": machine.cpu_name(), "isa": machine.isa_flags(),
+                      "memory_gb": memory},
           "method": "one `dvc repro --force` (as `make demo`)" if mode == "one-repro"
           else "one `dvc repro --force --single-item` per stage",
           "stages": {s: round(seconds[s], 1) for s in sorted(seconds, key=lambda s: (stages + [s]).index(s))},
