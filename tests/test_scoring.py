@@ -241,7 +241,7 @@ def test_the_head_module_path_equals_the_cpu_kernel(rows):
     """What a trainable LM head under ZeRO-3 on the CPU scores through (the head's own module, so that ZeRO-3's hooks
     gather its weight and reduce its gradient, then logits_log_probs) gives CpuLogProbs' values and gradients: rows
     across CpuLogProbs' tiles, and a single row (computed as two)."""
-    from alignkit.train.scoring import DPO_OUTPUTS, CpuLogProbs, logits_log_probs
+    from alignkit.train.scoring import DPO_OUTPUTS, CpuLogProbs, module_log_probs
 
     outputs = DPO_OUTPUTS + ("log_sum_sq_probs",)
     generator = torch.Generator().manual_seed(rows)
@@ -258,8 +258,7 @@ def test_the_head_module_path_equals_the_cpu_kernel(rows):
         if path == "kernel":
             values = CpuLogProbs.apply(h, w, None, targets, outputs)
         else:
-            z = head(torch.cat([h, h]))[:1] if rows == 1 else head(h)
-            values = logits_log_probs(z.float(), targets, outputs)
+            values = module_log_probs(head, h, targets, outputs)
         ((values[0] * upstream[0]).sum() + (values[1] * upstream[1]).sum()).backward()
         results.append((values, h.grad, w.grad.clone()))
     (kernel, hk, wk), (module, hm, wm) = results

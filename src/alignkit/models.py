@@ -12,6 +12,7 @@ import json
 import logging
 import os
 
+from alignkit.attention import portable_attention
 from alignkit.errors import RecipeError, UsageError
 from alignkit.numerics import portable_4bit
 from alignkit.score_head import portable_score_head
@@ -57,6 +58,7 @@ def load_pretrained(path: str, *, auto_class=None, gguf_file: str | None = None,
     if gguf_file:
         drop_gguf_quantizer(model)
     portable_score_head(model)  # a reward model's score head: the same bits on any CPU (score_head.py)
+    portable_attention(model)  # attention without MKL matrix-vector products on the CPU (attention.py)
     if adapter:
         from peft import PeftModel
 

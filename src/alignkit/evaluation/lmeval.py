@@ -26,6 +26,7 @@ import os
 import yaml
 
 from alignkit.artifacts import atomic_output, manifest, write_json, write_manifest
+from alignkit.attention import portable_implementation
 from alignkit.command import named_paths, run_cli
 from alignkit.errors import UsageError
 from alignkit.models import inference_dtype, split_models
@@ -103,6 +104,9 @@ def model_args(base: str, model_dir: str | None, batch_size: int) -> dict:
     # the dtype named, never "auto": a merged checkpoint saved in float32 would load in float32
     args = {"pretrained": base, "dtype": inference_dtype(gpu), "device": "cuda" if gpu else "cpu",
             "batch_size": batch_size, "trust_remote_code": False}
+    attention = portable_implementation("sdpa", on_cpu=not gpu)  # the same bits on any CPU (attention.py)
+    if attention != "sdpa":
+        args["attn_implementation"] = attention
     if model_dir:
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory not found: {model_dir}")

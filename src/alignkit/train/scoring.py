@@ -18,8 +18,8 @@ TRL's loss, metrics, reference handling and every loss type then run unchanged o
 (tests/test_scoring.py: losses, rewards, metrics and gradients equal TRL's own to 1e-6). The model is always called
 through its own forward, so DDP and DeepSpeed see an ordinary forward. Where a batch or a setup does not fit — a pair
 whose two rows truncation cut differently, flash attention (no arbitrary masks), logit softcapping or scaling,
-multimodal or MoE inputs, prompt-learning PEFT, ZeRO-3 with a trainable LM head — TRL's own forward runs instead,
-for that batch or for the run.
+multimodal or MoE inputs, prompt-learning PEFT, ZeRO-3 with a trainable LM head on a GPU — TRL's own forward runs
+instead, for that batch or for the run. (On the CPU such a head runs through its own module: `module_log_probs`.)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from trl import SFTTrainer
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
+from alignkit.attention import PORTABLE_SDPA
 from alignkit.train.stored_reference import StoredReferenceDPOTrainer
 
 logger = logging.getLogger("alignkit")
@@ -143,23 +144,24 @@ def pair_layout(input_ids, attention_mask, labels):
 
 def head_log_probs(model, hidden, targets, outputs: tuple[str, ...]):
     """Log-probs (and `outputs`) of the scored positions through the LM head of `model`, for their hidden states:
-    TRL's chunked kernel, on the CPU CpuLogProbs — or, for a trainable head under ZeRO-3 on the CPU, the head's own
-    module and logits_log_probs."""
+    TRL's chunked kernel, on the CPU CpuLogProbs — or, for a trainable head under ZeRO-3 on the CPU,
+    module_log_probs."""
     head = unwrapped(model).get_output_embeddings()
     hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
     if head.weight.device.type == "cpu" and hasattr(head.weight, "ds_id") and head.weight.requires_grad:
-        # ZeRO-3 gathers a partitioned weight and reduces its gradient in hooks around the module's forward, which a
-        # kernel given the weight itself bypasses (TRL's too: it refuses such a head). A single row as two: a
-        # one-row product is a matrix-vector product (numerics.mkl_vendor_dependent).
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
-        rows = hidden.to(dtype)
-        z = head(torch.cat([rows, rows]))[:1] if rows.shape[0] == 1 else head(rows)
-        return logits_log_probs(z.float(), targets, outputs)
+        return module_log_probs(head, hidden, targets, outputs)
     with maybe_gather_lm_head_ctx(head.weight, head.bias):
         if head.weight.device.type == "cpu":
             return CpuLogProbs.apply(hidden, head.weight, head.bias, targets, outputs)
         return ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, 1.0, VOCAB_CHUNK, None, 1.0,
                                             outputs)
+
+
+def module_log_probs(head, hidden, targets, outputs: tuple[str, ...]):
+    """head_log_probs through the LM head's own module, then logits_log_probs: ZeRO-3 gathers a partitioned weight
+    and reduces its gradient in hooks around the module's forward, which a kernel given the weight itself bypasses
+    (TRL's too: it refuses such a head). The same values as CpuLogProbs, holding every scored position's logits."""
+    return logits_log_probs(rows_through(head, hidden.to(compute_dtype(hidden))).float(), targets, outputs)
 
 
 class CpuLogProbs(torch.autograd.Function):
@@ -179,7 +181,7 @@ class CpuLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, outputs):
         ctx.set_materialize_grads(False)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+        dtype = compute_dtype(hidden)
         n = hidden.shape[0]
         log_probs = torch.zeros(n)
         entropy, log_sum_sq, mean_logits = (torch.zeros(n) if k in outputs else None
@@ -255,10 +257,20 @@ def tiles(n: int) -> list[slice]:
     return [slice(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
+def compute_dtype(x):
+    """The dtype the head's product runs in: autocast's where it is on for the CPU, else x's own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def rows_through(f, x):
+    """f(x) for a row-wise f ending in a matrix product, never as a matrix-vector product — MKL's bits for those
+    depend on the CPU's vendor (numerics.mkl_vendor_dependent): a single row of x is computed as two."""
+    return f(torch.cat([x, x]))[:1] if x.shape[0] == 1 else f(x)
+
+
 def product(a, b):
-    """a @ b, never as a matrix-vector product — MKL's bits for those depend on the CPU's vendor: a single row of a
-    is computed as two."""
-    return (torch.cat([a, a]) @ b)[:1] if a.shape[0] == 1 else a @ b
+    """a @ b, never as a matrix-vector product (rows_through)."""
+    return rows_through(lambda rows: rows @ b, a)
 
 
 def tile_logits(hidden, weight, bias, dtype):
@@ -311,7 +323,7 @@ class PairScorer(CompletionScorer):
             return self.model(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         ids, position_ids, allowed, hidden_at, target, out_row, out_col = layout
         base = unwrapped(self.model)
-        if base.config.get_text_config()._attn_implementation == "sdpa":
+        if base.config.get_text_config()._attn_implementation in ("sdpa", PORTABLE_SDPA):
             mask = allowed  # SDPA: True = attends, as transformers' own SDPA masks
         else:  # eager attention adds the mask to the scores
             weight = base.get_output_embeddings().weight
