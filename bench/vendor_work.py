@@ -7,6 +7,12 @@ file:
 
 Every process that loads Python reports at exit (bench/amd_mkl/sitecustomize.py): a launched stage gives its ranks'
 reports, then the launcher's and accelerate's own.
+
+That counter sees ATen's operators, not the MKL calls inside ATen's own kernels (the CPU flash-attention kernel
+multiplies blocks of queries and keys with MKL's sgemm: alignkit/attention.py). `--mkl_verbose` counts instead every
+BLAS call MKL itself logs (`MKL_VERBOSE=1`) and, per stage, those with one row or one column (matrix-vector work):
+
+    .venv/bin/python bench/vendor_work.py --mkl_verbose --out bench/results/amd_avx512/mkl_blas_calls.json
 """
 
 from __future__ import annotations
@@ -45,6 +51,38 @@ def counted(args: list[str]) -> subprocess.CompletedProcess:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+BLAS_CALL = re.compile(r"MKL_VERBOSE ([SDCZ]\w+)\(([^)]*)\)")
+GEMMS = {"SGEMM": (2, 3), "DGEMM": (2, 3)}  # positions of M and N among their logged arguments
+
+
+def blas_counts(dvc_yaml: str) -> dict[str, dict]:
+    """Per stage of `dvc repro -f dvc_yaml` run with MKL_VERBOSE=1: how many BLAS calls MKL logged, by function, and
+    how many products among them have one row or one column. Streamed: a stage logs ~10^5 calls."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1", "MKL_VERBOSE": "1"}
+    dvc = os.path.join(os.path.dirname(sys.executable), "dvc")
+    counts: dict[str, dict] = {}
+    stage = None
+    with subprocess.Popen([dvc, "repro", "-f", dvc_yaml], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as run:
+        for line in run.stdout:
+            if match := STAGE.match(line):
+                stage = match.group(1)
+                counts[stage] = {"blas_calls": 0, "one_row_or_column": 0, "by_function": {}}
+            elif stage and (call := BLAS_CALL.search(line)):
+                name, args = call.group(1), call.group(2).split(",")
+                entry = counts[stage]
+                entry["blas_calls"] += 1
+                entry["by_function"][name] = entry["by_function"].get(name, 0) + 1
+                if name in GEMMS and "1" in (args[GEMMS[name][0]], args[GEMMS[name][1]]):
+                    entry["one_row_or_column"] += 1
+                elif name not in GEMMS and name[1:] in ("GEMV", "GER", "DOT", "AXPY"):
+                    entry["one_row_or_column"] += 1
+    if run.returncode:
+        raise SystemExit(f"dvc repro -f {dvc_yaml} failed ({run.returncode})")
+    return counts
+
+
 def stage_reports(log: str) -> dict[str, list[str]]:
     """Each stage's processes' reports ("none", or "exp 16, log 3"), from the log of a `dvc repro` run under
     `amd_mkl.sh --count`; a report belongs to the stage DVC last announced, up to its "Updating lock file" (what
@@ -65,11 +103,18 @@ def stage_reports(log: str) -> dict[str, list[str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--mkl_verbose", action="store_true",
+                        help="count the BLAS calls MKL logs instead (also those inside ATen's kernels)")
     parser.add_argument("pipelines", nargs="*", default=list(PIPELINES))
     args = parser.parse_args()
     results = {}
     for dvc_yaml in args.pipelines:
         start = time.monotonic()
+        if args.mkl_verbose:
+            name = PIPELINES.get(dvc_yaml, dvc_yaml)
+            results[name] = {"stages": blas_counts(dvc_yaml), "dvc_repro_f_seconds": round(time.monotonic() - start, 1)}
+            print(dvc_yaml, json.dumps(results[name]), flush=True)
+            continue
         run = counted([os.path.join(os.path.dirname(sys.executable), "dvc"), "repro", "-f", dvc_yaml])
         if run.returncode:
             print(run.stdout[-4000:], file=sys.stderr)
@@ -81,7 +126,11 @@ def main() -> int:
 
     # notes a reader added to an earlier file (what the remaining work is, what it was before) stay
     kept = json.load(open(args.out)) if os.path.exists(args.out) else {}
-    record = {**kept, "what": WHAT,
+    what = WHAT if not args.mkl_verbose else (
+        "Issue 15: the BLAS calls MKL logged (MKL_VERBOSE=1) in each stage of each pipeline while bench/vendor_work.py "
+        "--mkl_verbose regenerated the committed results (`dvc repro -f <dvc.yaml>`), by function, and how many "
+        "of them have one row or one column (matrix-vector work, whose bits differ between Intel and AMD CPUs).")
+    record = {**kept, "what": what,
               "date": datetime.date.today().isoformat(), "machine": machine.describe(),
               "numerics": in_effect(), "pipelines": {**kept.get("pipelines", {}), **results}}
     with open(args.out, "w") as f:
