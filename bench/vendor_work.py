@@ -60,7 +60,9 @@ def blas_counts(dvc_yaml: str) -> dict[str, dict]:
     how many products among them have one row or one column. Streamed: a stage logs ~10^5 calls."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1", "MKL_VERBOSE": "1"}
-    dvc = os.path.join(os.path.dirname(sys.executable), "dvc")
+    venv = os.path.dirname(sys.executable)
+    env["PATH"] = venv + os.pathsep + env.get("PATH", "")  # stage commands call the venv's alignkit and python
+    dvc = os.path.join(venv, "dvc")
     counts: dict[str, dict] = {}
     stage = None
     with subprocess.Popen([dvc, "repro", "-f", dvc_yaml], cwd=ROOT, env=env, stdout=subprocess.PIPE,

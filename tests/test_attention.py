@@ -6,6 +6,7 @@ import re
 from types import SimpleNamespace
 
 import pytest
+
 from test_numerics import run_python
 
 # (query length, key length): blocks of one row in torch's CPU kernel (33, 65, 97, 257), decoding a single query

@@ -51,3 +51,47 @@ def test_each_stage_depends_on_exactly_the_code_it_runs(dvc_file, name, stage):
     listed = set(listed)
     missing, extra = sorted(expected - listed), sorted(listed - expected)
     assert not missing and not extra, f"{dvc_file}:{name}: add {missing}, remove {extra}"
+
+
+def declared(entries) -> list[str]:
+    """The paths of a stage's outs, metrics or plots entries (a path, or a path with options)."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def files_read(stage: dict) -> set[str]:
+    """The repository files and folders a stage's command reads: its path arguments under build/, metrics/ or data/
+    that are not its own outputs, and for `alignkit report` what it draws each `--stages` metrics file's curves from
+    (evaluation/figures.py: <stage>_log.csv and DVCLive's dvclive/<stage>/ beside it)."""
+    written = declared(stage.get("outs")) + declared(stage.get("metrics")) + declared(stage.get("plots"))
+    tokens = stage["cmd"].replace('"', " ").split()
+    read = {t for t in tokens if t.startswith(("build/", "metrics/", "data/"))
+            and not any(t == w or t.startswith(w.rstrip("/") + "/") for w in written)}
+    if tokens[:2] == ["alignkit", "report"] and "--stages" in tokens:
+        for path in tokens[tokens.index("--stages") + 1:]:
+            if path.startswith("--"):
+                break
+            folder, name = os.path.split(path[:-len(".json")])
+            read |= {path, f"{path[:-len('.json')]}_log.csv", f"{folder}/dvclive/{name}"}
+    return read
+
+
+@pytest.mark.parametrize("dvc_file,name,stage", list(stages()))
+def test_each_stage_depends_on_the_files_it_reads(dvc_file, name, stage):
+    """A file a stage reads but does not list would let DVC keep a stale result when only that file changed: the
+    zephyr twin's report kept its training figure of the curves before a rerun changed them (its deps named the
+    metrics files, not the curves it draws)."""
+    deps = stage.get("deps", [])
+    missing = sorted(p for p in files_read(stage) if not any(p == d or p.startswith(d.rstrip("/") + "/") for d in deps))
+    assert not missing, f"{dvc_file}:{name}: add {missing} to its deps"
+
+
+def test_every_training_log_a_report_reads_is_some_stages_output():
+    """The curves a report draws are outputs of the stage that writes them, so DVC tracks them and reruns the report
+    when they change."""
+    for dvc_file in DVC_FILES:
+        all_stages = yaml.safe_load(open(os.path.join(ROOT, dvc_file)))["stages"]
+        written = {p for s in all_stages.values()
+                   for p in declared(s.get("outs")) + declared(s.get("metrics")) + declared(s.get("plots"))}
+        for name, stage in all_stages.items():
+            curves = {p for p in files_read(stage) if p.endswith("_log.csv") or "/dvclive/" in p}
+            assert curves <= written, f"{dvc_file}:{name}: reads {sorted(curves - written)}, which no stage outputs"
