@@ -42,13 +42,17 @@ WHAT = ("Issue 15: the MKL work whose bits depend on the CPU's vendor (alignkit.
 REPORT = re.compile(r"\[amd_mkl\] vendor-dependent MKL work: (none|[a-z-]+ \d+(?:, [a-z-]+ \d+)*)")
 
 
+def offline_env(**extra: str) -> dict[str, str]:
+    """This environment, offline (as `make demo` runs the stages), with unbuffered output, and `extra`."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
 def counted(args: list[str]) -> subprocess.CompletedProcess:
     """`args` (a dvc command) under `bench/amd_mkl.sh --count`, offline, stdout and stderr in one unbuffered stream
     (DVC's stage headers and the stages' reports arrive in the order they were written)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(["bash", os.path.join(ROOT, "bench", "amd_mkl.sh"), "--count", *args], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(["bash", os.path.join(ROOT, "bench", "amd_mkl.sh"), "--count", *args], cwd=ROOT,
+                          env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 BLAS_CALL = re.compile(r"MKL_VERBOSE ([SDCZ]\w+)\(([^)]*)\)")
@@ -58,10 +62,9 @@ GEMMS = {"SGEMM": (2, 3), "DGEMM": (2, 3)}  # positions of M and N among their l
 def blas_counts(dvc_yaml: str) -> dict[str, dict]:
     """Per stage of `dvc repro -f dvc_yaml` run with MKL_VERBOSE=1: how many BLAS calls MKL logged, by function, and
     how many products among them have one row or one column. Streamed: a stage logs ~10^5 calls."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1", "MKL_VERBOSE": "1"}
     venv = os.path.dirname(sys.executable)
-    env["PATH"] = venv + os.pathsep + env.get("PATH", "")  # stage commands call the venv's alignkit and python
+    # stage commands call the venv's alignkit and python (amd_mkl.sh puts it first on PATH for counted())
+    env = offline_env(MKL_VERBOSE="1", PATH=venv + os.pathsep + os.environ.get("PATH", ""))
     dvc = os.path.join(venv, "dvc")
     counts: dict[str, dict] = {}
     stage = None
