@@ -298,6 +298,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "numerics": in_effect()["cpu"],
         "precision": "bf16 autocast" if trainer.args.bf16 else "fp32",
         "torch_compile": bool(trainer.args.torch_compile),
+        "step_seconds": [round(t, 3) for t in timer.times],
     }
     if timer.prof is not None:
         result["profile"] = profile_summary(timer.prof, timer.times[1:1 + args.profile], flops / 1e9, peak)

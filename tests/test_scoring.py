@@ -268,3 +268,46 @@ def test_the_head_module_path_equals_the_cpu_kernel(rows):
         else:
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
     assert_gradients_equal({"hidden": hk, "weight": wk}, {"hidden": hm, "weight": wm})
+
+
+@pytest.mark.parametrize("rows", [37, 300])
+def test_cpu_kernel_reuses_its_logits_with_the_same_bits(rows, monkeypatch):
+    """CpuLogProbs' backward takes the logits its forward computed (one product of the LM head per tile fewer) and
+    gives exactly the values and gradients of recomputing them — which it still does past KEEP_BYTES, and for a
+    second backward through a retained graph."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from alignkit.train.scoring import DPO_OUTPUTS, CpuLogProbs, tiles
+
+    class HeadProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("mm", "addmm") and 1000 in args[-1].shape + args[-2].shape:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(1000, 24, generator=generator)
+    hidden = torch.randn(rows, 24, generator=generator)
+    targets = torch.randint(0, 1000, (rows,), generator=generator)
+    upstream = torch.randn(2, rows, generator=generator)
+    runs = {}
+    for keep in (CpuLogProbs.KEEP_BYTES, 0):
+        monkeypatch.setattr(CpuLogProbs, "KEEP_BYTES", keep)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with HeadProducts() as counted:
+            values = CpuLogProbs.apply(h, w, None, targets, DPO_OUTPUTS)
+            forward = counted.count
+            ((values[0] * upstream[0]).sum() + (values[1] * upstream[1]).sum()).backward(retain_graph=True)
+        runs[keep] = (values, h.grad.clone(), w.grad.clone(), forward, counted.count - forward)
+        ((values[0] * upstream[0]).sum() + (values[1] * upstream[1]).sum()).backward()  # recomputes: twice the grads
+        assert torch.equal(h.grad, 2 * runs[keep][1]) and torch.equal(w.grad, 2 * runs[keep][2])
+    (kept_values, kept_h, kept_w, kept_fwd, kept_bwd), (values, grad_h, grad_w, fwd, bwd) = runs.values()
+    for a, b in zip(kept_values, values):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(kept_h, grad_h) and torch.equal(kept_w, grad_w)
+    n_tiles = len(tiles(rows))
+    assert kept_fwd == fwd == n_tiles and bwd - kept_bwd == n_tiles

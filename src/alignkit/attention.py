@@ -50,15 +50,20 @@ def sdpa_without_single_rows(module, query, key, value, attention_mask, dropout=
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    def unchanged(mask):
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+
+    # decided before any work: this runs in every layer of every forward
+    if query.device.type != "cpu" or kwargs.get("cache") is not None or kwargs.get("position_bias") is not None:
+        return unchanged(attention_mask)
     lq, lk = query.shape[2], key.shape[2]
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, :lk]
     pad_q = single_row_block(query_rows(module, query, attention_mask, key, value))
     pad_k = single_row_block(lk)
-    if (query.device.type != "cpu" or not (pad_q or pad_k) or kwargs.get("cache") is not None
-            or kwargs.get("position_bias") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+    if not (pad_q or pad_k):
+        return unchanged(attention_mask)
     if attention_mask is None:  # what SDPA's is_causal would apply (top-left aligned), made explicit
         causal = lq > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
         attention_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device)

@@ -71,7 +71,9 @@ def portable_4bit(model) -> None:
 # rounds it correctly, and AMD's gave the same bits (the anima twin's bitsandbytes optimiser, 420 square roots a step,
 # trained to identical curves on both). alignkit's CPU paths call none of these on floats — scoring.CpuLogProbs,
 # score_head.RowSumScore, generation's Gumbel noise (tests/test_numerics.py) — and bench/amd_mkl.sh --count counts
-# any that a run still calls.
+# any that a run still calls at the operator level. Kernels call MKL inside themselves too, where no operator hook
+# sees it: torch's CPU flash attention multiplies one-row blocks for some lengths, which attention.py pads away
+# (counted with MKL_VERBOSE=1: bench/vendor_work.py --mkl_verbose, tests/test_attention.py).
 MKL_VECTOR_MATH = frozenset("exp log log2 log10 tan acos asin atan erf erfc erfinv".split())
 MKL_VECTOR_MATH_FLOAT64 = frozenset("sin cos tanh".split())
 
