@@ -197,7 +197,9 @@ def interleave(stage: str, rounds: int, steps: int | None, out_dir: str) -> None
                       model_gflops_per_second=round(results[0]["model_gflops_per_second"] * scale, 1),
                       matmul_peak_gflops=round(sum(r["matmul_peak_gflops"] for r in results) / len(results), 1),
                       peak_rss_gib=max(r["peak_rss_gib"] for r in results),
-                      rounds=[{k: r[k] for k in ("seconds_per_step", "matmul_peak_gflops")} for r in results])
+                      rounds=[{k: r[k] for k in ("seconds_per_step", "matmul_peak_gflops", "step_seconds")}
+                              for r in results])
+        merged.pop("step_seconds")  # the first round's: each round's are under "rounds"
         merged["utilisation_of_matmul_peak"] = round(merged["model_gflops_per_second"] / merged["matmul_peak_gflops"],
                                                      3)
         with open(os.path.join(out_dir, f"speed_{stage}_{variant}.json"), "w") as f:
