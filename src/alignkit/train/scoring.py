@@ -190,7 +190,9 @@ class CpuLogProbs(torch.autograd.Function):
         entropy, log_sum_sq, mean_logits = (torch.zeros(n) if k in outputs else None
                                             for k in ("entropy", "log_sum_sq_probs", "mean_logits"))
         is_top1 = torch.zeros(n, dtype=torch.bool) if "is_top1" in outputs else None
-        keep = any(ctx.needs_input_grad[:3]) and n * weight.shape[0] * 4 <= CpuLogProbs.KEEP_BYTES
+        # only when a backward will come (needs_input_grad is set under no_grad too; hidden states computed under
+        # no_grad, as in evaluation and the reference pass, do not require grad)
+        keep = hidden.requires_grad and n * weight.shape[0] * 4 <= CpuLogProbs.KEEP_BYTES
         ctx.logits = []  # per tile, for the backward (empty: it recomputes them)
         for rows in tiles(n):
             z = tile_logits(hidden[rows], weight, bias, dtype)
